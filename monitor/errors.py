@@ -1,0 +1,25 @@
+"""One error hierarchy; every message is one line naming the bad value and what is allowed."""
+
+
+class MonitorError(Exception):
+    """Base of every error a user can cause; the CLI prints it as one line and exits 2."""
+
+
+class ConfigError(MonitorError):
+    """A config key is unknown, mistyped or out of range."""
+
+
+class ModelError(MonitorError):
+    """A model file or its model card is missing, unreadable or does not match the config."""
+
+
+class AudioDeviceError(MonitorError):
+    """An audio device is missing, busy or cannot be opened with the asked settings."""
+
+
+class SourceError(MonitorError):
+    """An audio source (file, stdin) cannot be read."""
+
+
+class MessageError(MonitorError):
+    """A wire message is malformed or of an unknown schema version."""
