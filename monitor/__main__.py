@@ -1,0 +1,230 @@
+"""Command line: `audio-monitor run|devices|listen|analyze|demo|fetch-models`.
+
+Only wiring lives here. A user error (bad config, missing model, unknown device) is
+printed as one line and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from monitor.errors import MonitorError
+
+logger = logging.getLogger("monitor")
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        result: int = args.handler(args)
+        return result
+    except MonitorError as err:
+        print(f"audio-monitor: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="audio-monitor",
+                                     description="Real-time streaming audio event monitor.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon: capture, detect, publish")
+    _add_config(run)
+    run.add_argument("--source", help="mic | mic:NAME-OR-INDEX | file:PATH | stdin")
+    run.add_argument("--publish", metavar="ENDPOINT", help="ZeroMQ endpoint to bind")
+    run.add_argument("--fast", action="store_true",
+                     help="file source: read as fast as possible, not at real-time pace")
+    run.add_argument("--rate", type=int, help="sample rate of the source (stdin PCM, mic)")
+    run.set_defaults(handler=_cmd_run)
+
+    devices = sub.add_parser("devices", help="list audio input devices")
+    devices.set_defaults(handler=_cmd_devices)
+
+    listen = sub.add_parser("listen", help="print messages from a daemon, one JSON per line")
+    listen.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5557")
+    listen.add_argument("--topic", action="append", default=[],
+                        help="topic prefix to subscribe to (repeatable; default: all)")
+    listen.add_argument("--count", type=int, default=0, help="exit after N messages")
+    listen.add_argument("--timeout", type=float, default=0.0,
+                        help="exit with status 1 after S seconds without a message")
+    listen.set_defaults(handler=_cmd_listen)
+
+    analyze = sub.add_parser("analyze", help="detect events in audio files offline")
+    _add_config(analyze)
+    analyze.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    analyze.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    analyze.set_defaults(handler=_cmd_analyze)
+
+    demo = sub.add_parser("demo", help="play real recordings through the whole pipeline")
+    _add_config(demo)
+    demo.add_argument("--fast", action="store_true", help="do not wait for real time")
+    demo.add_argument("--file", type=Path, help="play this file instead of the demo clips")
+    demo.set_defaults(handler=_cmd_demo)
+
+    fetch = sub.add_parser("fetch-models", help="download and assemble the pretrained models")
+    fetch.add_argument("--models-dir", type=Path, default=None)
+    fetch.set_defaults(handler=_cmd_fetch_models)
+    return parser
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help="config file (default: ./config.yaml if present)")
+
+
+def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Any:
+    from monitor.config import load_config
+
+    path = args.config
+    if path is None and Path("config.yaml").is_file():
+        path = Path("config.yaml")
+    config = load_config(path, overrides=overrides)
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return config
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from monitor.daemon import Daemon, build_source
+    from monitor.detector import Detector
+    from monitor.publisher import Publisher
+
+    overrides: dict[str, Any] = {}
+    if args.source:
+        overrides["source"] = args.source
+    if args.publish:
+        overrides["publish.endpoint"] = args.publish
+    if args.fast:
+        overrides["audio.realtime"] = False
+    if args.rate:
+        overrides["audio.sample_rate"] = args.rate
+    config = _load(args, overrides)
+    detector = Detector(config.model.path, threads=config.model.threads)
+    source = build_source(config)
+    publisher = Publisher(config.publish.endpoint, sensor_id=config.sensor_id,
+                          send_hwm=config.publish.send_hwm)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    daemon = Daemon(config, source=source, detector=detector, publisher=publisher)
+    logger.info("publishing on %s as %s; model %s; source %s", publisher.bound_endpoint,
+                config.sensor_id, detector.card.name, source.description)
+    try:
+        daemon.run(stop)
+    finally:
+        publisher.close()
+    return 0
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from monitor.sources import list_input_devices
+
+    devices = list_input_devices()
+    if not devices:
+        print("no audio input devices found (is a sound card or JACK/PulseAudio present?)")
+        return 0
+    for d in devices:
+        print(f"{d['index']:>3}  {d['name']}  [{d['hostapi']}]  "
+              f"{d['max_input_channels']} ch  {d['default_samplerate']:.0f} Hz")
+    return 0
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    import zmq
+
+    from monitor.errors import MessageError
+    from monitor.messages import SCHEMA_VERSION, decode
+
+    context = zmq.Context.instance()
+    socket = context.socket(zmq.SUB)
+    socket.setsockopt(zmq.LINGER, 0)
+    for topic in args.topic or [""]:
+        socket.setsockopt_string(zmq.SUBSCRIBE, topic)
+    socket.connect(args.endpoint)
+    received = 0
+    timeout_ms = int(args.timeout * 1000) if args.timeout > 0 else -1
+    try:
+        while args.count == 0 or received < args.count:
+            if not socket.poll(timeout_ms):
+                print(f"audio-monitor: no message from {args.endpoint} for {args.timeout} s",
+                      file=sys.stderr)
+                return 1
+            frames = socket.recv_multipart()
+            try:
+                message = decode(frames)
+            except MessageError as err:
+                print(f"audio-monitor: dropped a bad message: {err}", file=sys.stderr)
+                continue
+            body = {"topic": message.topic, "v": SCHEMA_VERSION, "type": message.TYPE,
+                    **message.__dict__}
+            print(json.dumps(body), flush=True)
+            received += 1
+    finally:
+        socket.close()
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from monitor.analyze import analyze_file
+    from monitor.detector import Detector
+
+    config = _load(args)
+    detector = Detector(config.model.path, threads=config.model.threads)
+    rows = []
+    failed = 0
+    for path in args.files:
+        try:
+            events, error = analyze_file(path, config=config, detector=detector)
+        except MonitorError as err:
+            print(f"audio-monitor: error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        if error:
+            print(f"audio-monitor: warning: {error}", file=sys.stderr)
+        for event in events:
+            if args.format == "jsonl":
+                print(json.dumps(event.to_json()), flush=True)
+            rows.append(event)
+    if args.format == "table":
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("file", "class", "start s", "end s", "score")
+        for e in rows:
+            table.add_row(e.file, e.label, f"{e.start_s:.2f}", f"{e.end_s:.2f}", f"{e.score:.2f}")
+        Console().print(table)
+    return EXIT_USER_ERROR if failed else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from monitor.demo import run_demo
+
+    config = _load(args)
+    return run_demo(config, audio=args.file, fast=args.fast)
+
+
+def _cmd_fetch_models(args: argparse.Namespace) -> int:
+    from monitor.yamnet import fetch_models_command
+
+    models_dir = args.models_dir or Path(__file__).resolve().parent.parent / "models"
+    return fetch_models_command(models_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The live daemon: composes a source, the processor and the publisher, and runs the loop.
+
+Threads: the source's capture thread (PortAudio callback or a reader thread) is the
+ring's only writer; the thread that calls `Daemon.run` is its only reader, and it
+owns the ZeroMQ socket. Between them there is no lock, only the SPSC ring.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from monitor.config import Config
+from monitor.detector import Detector
+from monitor.events import Transition
+from monitor.levels import LevelMeter
+from monitor.messages import Event, Level, Scores, Status
+from monitor.processor import Processor
+from monitor.publisher import Publisher
+from monitor.sources import FileSource, MicSource, Source, StdinSource, parse_source
+
+logger = logging.getLogger(__name__)
+
+READ_BLOCK_FRAMES = 4096
+IDLE_WAIT_S = 0.002
+POLL_INTERVAL_S = 0.1
+DEFAULT_STDIN_RATE = 16000
+
+
+def build_source(config: Config) -> Source:
+    """The source named by `config.source`; raises a one-line MonitorError if it cannot."""
+    kind, arg = parse_source(config.source)
+    audio = config.audio
+    if kind == "file":
+        assert arg is not None
+        return FileSource(Path(arg), realtime=audio.realtime, ring_seconds=audio.ring_seconds,
+                          block_ms=audio.block_ms)
+    if kind == "stdin":
+        return StdinSource(sample_rate=audio.sample_rate or DEFAULT_STDIN_RATE,
+                           channels=audio.channels or 1, ring_seconds=audio.ring_seconds,
+                           block_ms=audio.block_ms)
+    device: str | int | None = arg
+    if arg is not None and arg.isdigit():
+        device = int(arg)
+    return MicSource(device, sample_rate=audio.sample_rate, channels=audio.channels,
+                     ring_seconds=audio.ring_seconds, block_ms=audio.block_ms)
+
+
+class PublishingSink:
+    """Turns processor results into wire messages, converting audio time to wall time."""
+
+    def __init__(self, publisher: Publisher, *, sample_rate: int, top_k: int,
+                 classes: tuple[str, ...], mel_bands: int, n_mels: int) -> None:
+        self.publisher = publisher
+        self.sample_rate = sample_rate
+        self.top_k = top_k
+        self.classes = classes
+        self.run_id = f"{int(time.time() * 1000):x}"
+        self.wall_anchor: float | None = None
+        """Wall time of audio sample 0; set when the first audio arrives."""
+        self.events_started = 0
+        self._mel_edges = np.linspace(0, n_mels, min(mel_bands, n_mels) + 1).astype(int)[:-1]
+        self._t_audio = 0.0
+
+    def anchor(self, samples_after_block: int) -> None:
+        if self.wall_anchor is None:
+            self.wall_anchor = time.time() - samples_after_block / self.sample_rate
+
+    def wall(self, sample: int) -> float:
+        return (self.wall_anchor or 0.0) + sample / self.sample_rate
+
+    def on_transition(self, transition: Transition) -> None:
+        onset_s = transition.onset / self.sample_rate
+        offset_s = None if transition.offset is None else transition.offset / self.sample_rate
+        if transition.phase == "start":
+            self.events_started += 1
+        self.publisher.publish(
+            Event, event_id=f"{self.run_id}-{transition.label}-{transition.event_number}",
+            label=transition.label, phase=transition.phase, onset_s=round(onset_s, 4),
+            offset_s=None if offset_s is None else round(offset_s, 4),
+            onset_time=self.wall(transition.onset),
+            offset_time=None if transition.offset is None else self.wall(transition.offset),
+            peak_score=round(transition.peak_score, 4), threshold=transition.threshold)
+        logger.info("event %s %s at %.2f s (score %.2f)", transition.label, transition.phase,
+                    offset_s if offset_s is not None else onset_s, transition.peak_score)
+
+    def on_scores(self, end: int, scores: np.ndarray) -> None:
+        if self.top_k == 0:
+            return
+        best = np.argpartition(scores, -self.top_k)[-self.top_k:] \
+            if scores.shape[0] > self.top_k else np.arange(scores.shape[0])
+        best = best[np.argsort(scores[best])[::-1]]
+        self.publisher.publish(Scores, t_audio_s=round(end / self.sample_rate, 4),
+                               top=[[self.classes[i], round(float(scores[i]), 4)] for i in best])
+
+    def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None:
+        mel = np.add.reduceat(mel_frame, self._mel_edges) / np.diff(
+            np.append(self._mel_edges, mel_frame.shape[0]))
+        self._t_audio = end / self.sample_rate
+        self.publisher.publish(Level, t_audio_s=round(self._t_audio, 4),
+                               rms_dbfs=round(meter.rms_dbfs, 2),
+                               peak_dbfs=round(meter.peak_dbfs, 2),
+                               mel=[round(float(v), 2) for v in mel])
+
+
+class Daemon:
+    """Runs one source through the processor and publishes what it finds."""
+
+    def __init__(self, config: Config, *, source: Source, detector: Detector,
+                 publisher: Publisher) -> None:
+        self.config = config
+        self.source = source
+        self.publisher = publisher
+        card = detector.card
+        self.sink = PublishingSink(publisher, sample_rate=card.frontend.sample_rate,
+                                   top_k=min(config.model.top_k, len(card.classes)),
+                                   classes=card.classes,
+                                   mel_bands=config.publish.level_mel_bands,
+                                   n_mels=card.frontend.n_mels)
+        self.processor = Processor(config, detector, in_rate=source.sample_rate,
+                                   channels=source.channels, max_block=READ_BLOCK_FRAMES,
+                                   sink=self.sink)
+        self._raw = np.zeros(READ_BLOCK_FRAMES * source.channels, dtype=np.float32)
+        self._started = time.monotonic()
+        self._samples_at_status = -1
+
+    def run(self, stop: threading.Event) -> None:
+        """Process until `stop` is set or a finite source is exhausted."""
+        source, ring, processor = self.source, self.source.ring, self.processor
+        status_every = self.config.publish.status_interval_s
+        self.source.start()
+        self.publish_status("running")
+        next_status = time.monotonic() + status_every
+        next_poll = time.monotonic() + POLL_INTERVAL_S
+        try:
+            while not stop.is_set():
+                n = ring.readinto(self._raw, multiple_of=source.channels)
+                if n:
+                    self.sink.anchor(processor.samples)
+                    processor.process(self._raw[:n])
+                elif source.exhausted and ring.available() == 0:
+                    break
+                else:
+                    stop.wait(IDLE_WAIT_S)
+                now = time.monotonic()
+                if now >= next_poll:
+                    source.poll(now)
+                    next_poll = now + POLL_INTERVAL_S
+                if now >= next_status:
+                    self.publish_status(self._state())
+                    next_status = now + status_every
+        finally:
+            processor.finish()
+            source.stop()
+            self.publish_status("stopped")
+
+    def _state(self) -> str:
+        flowing = self.processor.samples != self._samples_at_status
+        self._samples_at_status = self.processor.samples
+        return "running" if flowing or self.source.exhausted else "degraded"
+
+    def counters(self) -> dict[str, int]:
+        source, processor, meter = self.source, self.processor, self.processor.meter
+        return {
+            "samples": processor.samples,
+            "frames": processor.frames,
+            "windows": processor.windows,
+            "events": self.sink.events_started,
+            "events_suppressed": processor.events.suppressed,
+            "overrun_samples": source.ring.overrun_samples,
+            "overrun_events": source.ring.overrun_events,
+            "callbacks": source.counters.callbacks,
+            "input_overflow": source.counters.input_overflow,
+            "input_underflow": source.counters.input_underflow,
+            "source_errors": source.counters.errors,
+            "reconnects": source.counters.reconnects,
+            "nonfinite_samples": meter.nonfinite_total,
+            "clipped_samples": meter.clipped_total,
+            "publish_sent": self.publisher.sent,
+            "publish_dropped": self.publisher.dropped,
+        }
+
+    def publish_status(self, state: str) -> None:
+        p50, worst = self.processor.inference_stats()
+        self.publisher.publish(
+            Status, state=state, source=self.source.description,
+            uptime_s=round(time.monotonic() - self._started, 3),
+            t_audio_s=round(self.processor.samples / self.processor.timing.sample_rate, 4),
+            counters=self.counters(), inference_ms_p50=round(p50, 3),
+            inference_ms_max=round(worst, 3), dc_offset=round(self.processor.meter.dc_offset, 5),
+            last_error=self.source.last_error)
+

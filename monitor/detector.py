@@ -1,0 +1,204 @@
+"""The event detector: one class owns the onnxruntime session and its model card.
+
+The model card (``<model>.json`` beside the ONNX file) states the classes, the
+input/output tensors, the window length in frames and the front end the model was
+trained on. Loading checks the card against the model and the front end against
+its hash, and names exactly what differs: a model fed features it was not trained
+on fails loudly at start-up instead of scoring garbage for months.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from monitor.errors import ConfigError, ModelError
+from monitor.frontend import FrontendParams
+
+logger = logging.getLogger(__name__)
+
+CARD_SCHEMA = 1
+FETCH_COMMAND = "audio-monitor fetch-models"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the daemon needs to know about a model; read from its JSON card."""
+
+    path: Path
+    name: str
+    classes: tuple[str, ...]
+    input_name: str
+    output_name: str
+    window_frames: int
+    frontend: FrontendParams
+    thresholds: dict[str, float]
+    sha256: str | None
+    fetch: str | None
+    """Command that (re)creates the model file, for the missing-file message."""
+
+
+def read_card(model_path: Path) -> ModelCard:
+    """Read and validate ``model_path.with_suffix('.json')``."""
+    card_path = model_path.with_suffix(".json")
+    try:
+        raw = json.loads(card_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ModelError(f"model card {card_path} not found; every model needs its card "
+                         "beside it (same name, .json)") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"model card {card_path} is unreadable: {err}") from err
+    if not isinstance(raw, dict):
+        raise ModelError(f"model card {card_path} must be a JSON object")
+    if raw.get("schema") != CARD_SCHEMA:
+        raise ModelError(f"model card {card_path}: schema {raw.get('schema')!r} is not "
+                         f"supported; expected {CARD_SCHEMA}")
+    try:
+        frontend_raw = dict(raw["frontend"])
+        stated_hash = frontend_raw.pop("hash", None)
+        try:
+            frontend = FrontendParams.from_dict(frontend_raw, where="frontend")
+            frontend.validate()
+        except ConfigError as err:
+            raise ModelError(f"model card {card_path}: {err}") from err
+        if stated_hash != frontend.hash():
+            raise ModelError(
+                f"model card {card_path}: front-end hash {stated_hash!r} does not match its "
+                f"parameters (this build computes {frontend.hash()!r}); the model was made "
+                "for a different front end: retrain or re-export it with this version")
+        classes = tuple(str(c) for c in raw["classes"])
+        input_spec, output_spec = raw["input"], raw["output"]
+        card = ModelCard(
+            path=model_path, name=str(raw["name"]), classes=classes,
+            input_name=str(input_spec["name"]), output_name=str(output_spec["name"]),
+            window_frames=int(raw["window_frames"]), frontend=frontend,
+            thresholds={str(k): float(v) for k, v in raw.get("thresholds", {}).items()},
+            sha256=raw.get("sha256"), fetch=raw.get("fetch"))
+        expected_in = [1, card.window_frames, frontend.n_mels]
+        if list(input_spec["shape"]) != expected_in:
+            raise ModelError(f"model card {card_path}: input shape {input_spec['shape']} "
+                             f"does not match window_frames x n_mels {expected_in}")
+        if list(output_spec["shape"]) != [1, len(classes)]:
+            raise ModelError(f"model card {card_path}: output shape {output_spec['shape']} "
+                             f"does not match its {len(classes)} classes")
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelError(f"model card {card_path}: missing or malformed field {err}") from err
+    unknown = sorted(set(card.thresholds) - set(classes))
+    if unknown:
+        raise ModelError(f"model card {card_path}: thresholds for unknown classes {unknown}")
+    return card
+
+
+class Detector:
+    """Scores a sliding window of log-mel frames with an ONNX model.
+
+    Frames are pushed one at a time into a doubled buffer, so the newest window is
+    always one contiguous view and scoring copies nothing.
+    """
+
+    def __init__(self, model_path: Path, *, threads: int = 1) -> None:
+        self.card = card = read_card(model_path)
+        if not model_path.is_file():
+            fix = f"run `{card.fetch}`" if card.fetch else "check model.path in the config"
+            raise ModelError(f"model file {model_path} not found; {fix}")
+        if card.sha256 is not None:
+            digest = _sha256(model_path)
+            if digest != card.sha256:
+                fix = f"run `{card.fetch}`" if card.fetch else "use the file its card describes"
+                raise ModelError(f"model file {model_path} has sha256 {digest[:16]}..., its card "
+                                 f"expects {card.sha256[:16]}...; {fix}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(model_path), sess_options=options,
+                                                 providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own untyped errors
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            raise ModelError(f"model file {model_path} cannot be loaded: {first_line}") from err
+        self._check_io()
+        self.classes = card.classes
+        self.window_frames = card.window_frames
+        n_mels = card.frontend.n_mels
+        self._frames = np.zeros((2 * self.window_frames, n_mels), dtype=np.float32)
+        self._position = 0
+        self.frames_seen = 0
+        self.scores = np.zeros(len(self.classes), dtype=np.float32)
+        """Scores of the latest window (updated in place by `score`)."""
+
+    def _check_io(self) -> None:
+        card = self.card
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        outputs = {o.name: o for o in self._session.get_outputs()}
+        if card.input_name not in inputs:
+            raise ModelError(f"model {card.path}: card names input {card.input_name!r}, the "
+                             f"model has {sorted(inputs)}")
+        if card.output_name not in outputs:
+            raise ModelError(f"model {card.path}: card names output {card.output_name!r}, the "
+                             f"model has {sorted(outputs)}")
+        expected = {card.input_name: [1, card.window_frames, card.frontend.n_mels],
+                    card.output_name: [1, len(card.classes)]}
+        for name, arg in ((card.input_name, inputs[card.input_name]),
+                          (card.output_name, outputs[card.output_name])):
+            if not _shape_matches(arg.shape, expected[name]):
+                raise ModelError(f"model {card.path}: tensor {name!r} has shape {arg.shape}, "
+                                 f"its card and front end need {expected[name]}")
+            if arg.type != "tensor(float)":
+                raise ModelError(f"model {card.path}: tensor {name!r} has type {arg.type}, "
+                                 "expected tensor(float)")
+
+    def reset(self) -> None:
+        """Forget pushed frames (a new stream)."""
+        self._frames.fill(0.0)
+        self._position = 0
+        self.frames_seen = 0
+
+    def push(self, frame: np.ndarray) -> None:
+        """Append one log-mel frame (n_mels,) to the window."""
+        w = self.window_frames
+        self._frames[self._position] = frame
+        self._frames[self._position + w] = frame
+        self._position = (self._position + 1) % w
+        self.frames_seen += 1
+
+    @property
+    def latest_frame(self) -> np.ndarray:
+        """The most recently pushed frame (a view)."""
+        return self._frames[(self._position - 1) % self.window_frames]
+
+    @property
+    def window_full(self) -> bool:
+        return self.frames_seen >= self.window_frames
+
+    def score(self) -> np.ndarray:
+        """Score the newest window; returns `self.scores` (valid until the next call)."""
+        start = self._position
+        window = self._frames[start:start + self.window_frames][np.newaxis]
+        (result,) = self._session.run([self.card.output_name], {self.card.input_name: window})
+        np.nan_to_num(np.asarray(result).reshape(-1), copy=False, nan=0.0, posinf=1.0,
+                      neginf=0.0)
+        np.clip(result.reshape(-1), 0.0, 1.0, out=self.scores)
+        return self.scores
+
+
+def _shape_matches(actual: list[Any], expected: list[int]) -> bool:
+    if len(actual) != len(expected):
+        return False
+    return all(not isinstance(a, int) or a == e for a, e in zip(actual, expected, strict=True))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

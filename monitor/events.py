@@ -1,0 +1,186 @@
+"""Event logic: a pure state machine per class (no I/O, no clock; time in samples).
+
+Each scored window gives a class score and the sample position where the window
+ends. A class starts an event when ``confirm_n`` of its last ``confirm_m`` scores
+reach ``threshold`` (N-of-M confirmation against one-window false alarms) and it
+has lasted ``min_duration`` samples; it ends when the score falls below
+``release`` (hysteresis, so a score wobbling around the threshold does not flap).
+After an end, the class is quiet for ``refractory`` samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class ClassRule:
+    """Resolved rule of one class, every duration in samples at the front-end rate."""
+
+    threshold: float
+    release: float
+    confirm_n: int
+    confirm_m: int
+    min_duration: int
+    refractory: int
+
+
+@dataclass(frozen=True)
+class Transition:
+    """An event starting or ending, in audio time (samples)."""
+
+    label: str
+    event_number: int
+    """Counts events of this class from 1; start and end of one event share it."""
+    phase: str
+    """"start" or "end"."""
+    onset: int
+    offset: int | None
+    peak_score: float
+    threshold: float
+
+
+class _State(Enum):
+    IDLE = 0
+    PENDING = 1  # confirmed hits, waiting for min_duration
+    ACTIVE = 2   # start published, waiting for the score to fall below release
+
+
+class ClassEventLogic:
+    """State machine of one class; `update` is called once per scored window."""
+
+    def __init__(self, label: str, rule: ClassRule, *, window: int, stride: int) -> None:
+        """`window` and `stride` are the scored window's length and step in samples: they
+        place onsets and offsets (a window ending at `end` holds audio from `end - window`)."""
+        if not 0.0 <= rule.release <= rule.threshold <= 1.0:
+            raise ValueError(f"{label}: need 0 <= release <= threshold <= 1, got {rule}")
+        if not 1 <= rule.confirm_n <= rule.confirm_m:
+            raise ValueError(f"{label}: need 1 <= confirm_n <= confirm_m, got {rule}")
+        self.label = label
+        self.rule = rule
+        self.window = window
+        self.stride = stride
+        self._hits = [False] * rule.confirm_m
+        self._hit_ends = [0] * rule.confirm_m
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all state (a new stream)."""
+        self._state = _State.IDLE
+        self._cursor = 0
+        for i in range(self.rule.confirm_m):
+            self._hits[i] = False
+        self._onset = 0
+        self._last_above_release = 0
+        self._peak = 0.0
+        self._quiet_until = -1
+        self._events = 0
+        self.suppressed = 0
+        """Confirmed candidates that ended before min_duration (counted, not published)."""
+
+    @property
+    def active(self) -> bool:
+        return self._state is not _State.IDLE
+
+    def update(self, score: float, end: int) -> Transition | None:
+        """Feed the score of the window ending at sample `end`; returns a transition or None."""
+        rule = self.rule
+        hit = score >= rule.threshold
+        self._hits[self._cursor] = hit
+        self._hit_ends[self._cursor] = end
+        self._cursor = (self._cursor + 1) % rule.confirm_m
+        if self._state is _State.IDLE:
+            return self._maybe_confirm(score, end)
+        if score >= rule.release:
+            self._last_above_release = end
+            self._peak = max(self._peak, score)
+            if self._state is _State.PENDING and end - self._onset >= rule.min_duration:
+                self._state = _State.ACTIVE
+                return self._transition("start", None)
+            return None
+        return self._finish(end)
+
+    def flush(self, end: int) -> Transition | None:
+        """The stream ended at sample `end`: close an active event."""
+        if self._state is _State.IDLE:
+            return None
+        return self._finish(end)
+
+    def _maybe_confirm(self, score: float, end: int) -> Transition | None:
+        rule = self.rule
+        if end < self._quiet_until or sum(self._hits) < rule.confirm_n:
+            return None
+        first_hit_end = min(e for e, h in zip(self._hit_ends, self._hits, strict=True) if h)
+        # The previous window missed, so the sound entered during the last stride.
+        self._onset = max(0, first_hit_end - min(self.window, self.stride))
+        self._peak = score
+        self._last_above_release = end
+        self._state = _State.PENDING
+        self._events += 1
+        if end - self._onset >= rule.min_duration:
+            self._state = _State.ACTIVE
+            return self._transition("start", None)
+        return None
+
+    def _finish(self, end: int) -> Transition | None:
+        was_active = self._state is _State.ACTIVE
+        self._state = _State.IDLE
+        for i in range(self.rule.confirm_m):
+            self._hits[i] = False
+        # The next window (ending one stride later) fell below release: the sound had left it.
+        last = self._last_above_release
+        offset = max(self._onset, min(end, last - self.window + self.stride))
+        self._quiet_until = end + self.rule.refractory
+        if not was_active:
+            self.suppressed += 1
+            self._events -= 1
+            return None
+        return self._transition("end", offset)
+
+    def _transition(self, phase: str, offset: int | None) -> Transition:
+        return Transition(label=self.label, event_number=self._events, phase=phase,
+                          onset=self._onset, offset=offset, peak_score=self._peak,
+                          threshold=self.rule.threshold)
+
+
+class EventLogic:
+    """The state machines of every watched class, fed one score vector per window."""
+
+    def __init__(self, rules: dict[str, ClassRule], classes: tuple[str, ...], *,
+                 window: int, stride: int) -> None:
+        unknown = sorted(set(rules) - set(classes))
+        if unknown:
+            raise ValueError(f"rules for classes the model does not have: {unknown}")
+        self._watched = [(classes.index(name), ClassEventLogic(name, rule, window=window,
+                                                            stride=stride))
+                         for name, rule in rules.items()]
+
+    @property
+    def labels(self) -> list[str]:
+        return [logic.label for _, logic in self._watched]
+
+    @property
+    def suppressed(self) -> int:
+        return sum(logic.suppressed for _, logic in self._watched)
+
+    def reset(self) -> None:
+        for _, logic in self._watched:
+            logic.reset()
+
+    def update(self, scores: object, end: int) -> list[Transition]:
+        """`scores` is the model's score vector (indexable by class index)."""
+        out = []
+        for index, logic in self._watched:
+            transition = logic.update(float(scores[index]), end)  # type: ignore[index]
+            if transition is not None:
+                out.append(transition)
+        return out
+
+    def flush(self, end: int) -> list[Transition]:
+        out = []
+        for _, logic in self._watched:
+            transition = logic.flush(end)
+            if transition is not None:
+                out.append(transition)
+        return out

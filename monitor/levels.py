@@ -1,0 +1,80 @@
+"""Input conditioning and level metering in one pass over each block.
+
+Bad samples must never reach the model: NaN/Inf are replaced by 0 and counted,
+clipped samples are counted, and the running sums give RMS, peak and DC offset
+for the `level` and `status` messages.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+CLIP_LEVEL = 0.999
+DBFS_FLOOR = -120.0
+
+# Indices into the stats vector filled by `condition_block`.
+SUM_SQUARES, PEAK, SUM, NONFINITE, CLIPPED, COUNT = range(6)
+
+
+@numba.njit(cache=True, nogil=True)
+def condition_block(x: np.ndarray, stats: np.ndarray) -> None:  # pragma: no cover - numba
+    """Replace non-finite samples of `x` by 0 in place and accumulate level stats."""
+    sum_squares = 0.0
+    total = 0.0
+    peak = stats[PEAK]
+    nonfinite = 0
+    clipped = 0
+    for i in range(x.shape[0]):
+        v = x[i]
+        if not np.isfinite(v):
+            x[i] = 0.0
+            nonfinite += 1
+            continue
+        a = abs(v)
+        if a >= CLIP_LEVEL:
+            clipped += 1
+        if a > peak:
+            peak = a
+        sum_squares += v * v
+        total += v
+    stats[SUM_SQUARES] += sum_squares
+    stats[PEAK] = peak
+    stats[SUM] += total
+    stats[NONFINITE] += nonfinite
+    stats[CLIPPED] += clipped
+    stats[COUNT] += x.shape[0]
+
+
+def to_dbfs(amplitude: float) -> float:
+    """Amplitude (full scale 1.0) -> dBFS, floored at -120."""
+    return 20.0 * math.log10(amplitude) if amplitude > 1e-6 else DBFS_FLOOR
+
+
+class LevelMeter:
+    """Accumulates conditioning stats over a span (one `level` message) of audio."""
+
+    def __init__(self) -> None:
+        self.span = np.zeros(6, dtype=np.float64)
+        self.nonfinite_total = 0
+        self.clipped_total = 0
+        self.rms_dbfs = DBFS_FLOOR
+        self.peak_dbfs = DBFS_FLOOR
+        self.dc_offset = 0.0
+
+    def condition(self, block: np.ndarray) -> None:
+        """Clean `block` in place and add it to the current span."""
+        condition_block(block, self.span)
+
+    def close_span(self) -> None:
+        """Turn the span's sums into levels and start a new span."""
+        span = self.span
+        count = max(span[COUNT], 1.0)
+        self.rms_dbfs = to_dbfs(math.sqrt(span[SUM_SQUARES] / count))
+        self.peak_dbfs = to_dbfs(span[PEAK])
+        self.dc_offset = span[SUM] / count
+        self.nonfinite_total += int(span[NONFINITE])
+        self.clipped_total += int(span[CLIPPED])
+        span.fill(0.0)

@@ -1,0 +1,206 @@
+"""The processing chain shared by the live daemon and `analyze`.
+
+interleaved device audio -> downmix -> resample -> condition/meter -> log-mel
+front end -> sliding-window detector (every stride) -> event logic.
+
+Live and offline runs feed the same `Processor`, only in different block sizes; the
+chain is chunk-size invariant, so both give the same events for the same audio.
+Results leave through a `Sink`, so this module does no I/O.
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from monitor.config import Config, EventRule
+from monitor.detector import Detector
+from monitor.errors import ConfigError
+from monitor.events import ClassRule, EventLogic, Transition
+from monitor.frontend import Frontend
+from monitor.levels import LevelMeter
+from monitor.resample import StreamingResampler, downmix_into
+
+INFERENCE_HISTORY = 512
+
+
+class Sink(Protocol):
+    """Receives what the processor finds; positions are samples at the front-end rate."""
+
+    def on_transition(self, transition: Transition) -> None: ...
+
+    def on_scores(self, end: int, scores: np.ndarray) -> None: ...
+
+    def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None: ...
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Every size in samples or frames, derived in one place from config and model card."""
+
+    sample_rate: int
+    hop: int
+    window: int
+    """Front-end analysis window, samples."""
+    window_frames: int
+    stride_frames: int
+    level_span: int
+    """Samples per `level` message (0: no levels)."""
+
+    @property
+    def detector_window(self) -> int:
+        """Samples covered by one scored window of `window_frames` frames."""
+        return (self.window_frames - 1) * self.hop + self.window
+
+    @property
+    def stride(self) -> int:
+        return self.stride_frames * self.hop
+
+    def frame_end(self, frame_index: int) -> int:
+        """Sample just after the last sample of frame `frame_index` (0-based)."""
+        return frame_index * self.hop + self.window
+
+
+def derive_timing(config: Config, detector: Detector) -> Timing:
+    params = detector.card.frontend
+    hop = params.hop_length
+    stride_frames = max(1, round(config.model.stride_ms / params.hop_ms))
+    level_span = (round(params.sample_rate / config.publish.level_hz)
+                  if config.publish.level_hz > 0 else 0)
+    return Timing(sample_rate=params.sample_rate, hop=hop, window=params.win_length,
+                  window_frames=detector.window_frames, stride_frames=stride_frames,
+                  level_span=level_span)
+
+
+def resolve_rules(config: Config, detector: Detector, timing: Timing) -> dict[str, ClassRule]:
+    """Class rules in samples: config per class, else the card's threshold, else defaults."""
+    classes = detector.classes
+    for name in config.events.classes:
+        if name not in classes:
+            close = difflib.get_close_matches(name, classes, n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(f"events.classes.{name}: the model {detector.card.name!r} has no "
+                              f"class {name!r}{hint}")
+    names = list(config.events.classes)
+    if not config.events.only_listed:
+        names += [n for n in detector.card.thresholds if n not in config.events.classes]
+    default = config.events.default
+    rules = {}
+    for name in names:
+        rule = config.events.classes.get(name, EventRule())
+        threshold = _first(rule.threshold, detector.card.thresholds.get(name), default.threshold)
+        release = _first(rule.release, default.release, 0.8 * threshold)
+        if release > threshold:
+            release = threshold
+        confirm_m = int(_first(rule.confirm_m, default.confirm_m))
+        confirm_n = min(int(_first(rule.confirm_n, default.confirm_n)), confirm_m)
+        ms_to_samples = timing.sample_rate / 1000.0
+        rules[name] = ClassRule(
+            threshold=threshold, release=release, confirm_n=confirm_n, confirm_m=confirm_m,
+            min_duration=round(_first(rule.min_duration_ms, default.min_duration_ms)
+                               * ms_to_samples),
+            refractory=round(_first(rule.refractory_ms, default.refractory_ms)
+                             * ms_to_samples))
+    return rules
+
+
+def _first(*values: float | None) -> float:
+    for value in values:
+        if value is not None:
+            return float(value)
+    raise ValueError("no value")
+
+
+class Processor:
+    """Turns blocks of interleaved device audio into scores, levels and event transitions."""
+
+    def __init__(self, config: Config, detector: Detector, *, in_rate: int, channels: int,
+                 max_block: int, sink: Sink) -> None:
+        self.detector = detector
+        self.timing = timing = derive_timing(config, detector)
+        self.rules = resolve_rules(config, detector, timing)
+        self.events = EventLogic(self.rules, detector.classes, window=timing.detector_window,
+                                 stride=timing.stride)
+        self.channels = channels
+        self.sink = sink
+        self.frontend = Frontend(detector.card.frontend, max_block=max_block)
+        self.resampler = StreamingResampler(in_rate, timing.sample_rate, max_block=max_block)
+        self.meter = LevelMeter()
+        self._mono = np.zeros(max_block, dtype=np.float32)
+        self._resampled = np.zeros(self.resampler.max_output(max_block), dtype=np.float32)
+        self._frames = np.zeros((self.frontend.max_frames(self._resampled.shape[0]),
+                                 detector.card.frontend.n_mels), dtype=np.float32)
+        self._max_block = max_block
+        self.samples = 0
+        """Samples at the front-end rate processed so far (the audio clock)."""
+        self.frames = 0
+        self.windows = 0
+        self._level_filled = 0
+        self._inference_ms = np.zeros(INFERENCE_HISTORY, dtype=np.float64)
+        self._inference_count = 0
+
+    def process(self, interleaved: np.ndarray) -> None:
+        """Consume a block of interleaved samples (length a multiple of `channels`)."""
+        step = self._max_block * self.channels
+        for start in range(0, interleaved.shape[0], step):
+            piece = interleaved[start:start + step]
+            n_mono = downmix_into(piece, self.channels, self._mono)
+            n = self.resampler.process(self._mono[:n_mono], self._resampled)
+            self._consume(self._resampled[:n])
+
+    def _consume(self, block: np.ndarray) -> None:
+        span = self.timing.level_span
+        while block.shape[0]:
+            take = block.shape[0] if span == 0 else min(block.shape[0],
+                                                        span - self._level_filled)
+            piece = block[:take]
+            self.meter.condition(piece)
+            n_frames = self.frontend.process(piece, self._frames)
+            self.samples += take
+            for i in range(n_frames):
+                self._on_frame(self._frames[i])
+            if span:
+                self._level_filled += take
+                if self._level_filled == span:
+                    self._level_filled = 0
+                    self.meter.close_span()
+                    self.sink.on_level(self.samples, self.meter, self.detector.latest_frame)
+            block = block[take:]
+
+    def _on_frame(self, frame: np.ndarray) -> None:
+        detector = self.detector
+        detector.push(frame)
+        self.frames += 1
+        timing = self.timing
+        if not detector.window_full or \
+                (self.frames - timing.window_frames) % timing.stride_frames:
+            return
+        started = time.perf_counter()
+        scores = detector.score()
+        self._inference_ms[self._inference_count % INFERENCE_HISTORY] = \
+            (time.perf_counter() - started) * 1000.0
+        self._inference_count += 1
+        self.windows += 1
+        end = timing.frame_end(self.frames - 1)
+        self.sink.on_scores(end, scores)
+        for transition in self.events.update(scores, end):
+            self.sink.on_transition(transition)
+
+    def finish(self) -> None:
+        """The stream ended: close active events."""
+        for transition in self.events.flush(self.samples):
+            self.sink.on_transition(transition)
+
+    def inference_stats(self) -> tuple[float, float]:
+        """(median, max) inference milliseconds over recent windows, then start afresh."""
+        n = min(self._inference_count, INFERENCE_HISTORY)
+        if n == 0:
+            return 0.0, 0.0
+        recent = self._inference_ms[:n]
+        result = float(np.median(recent)), float(recent.max())
+        self._inference_count = 0
+        return result

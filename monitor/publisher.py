@@ -1,0 +1,74 @@
+"""ZeroMQ PUB side: numbers messages and sends them without ever blocking the pipeline.
+
+The socket lives and dies in the thread that creates it (the processing thread).
+A slow or dead subscriber fills its queue up to ``send_hwm``; later sends to it are
+dropped by ZeroMQ and counted here as ``dropped`` instead of stalling detection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import zmq
+
+from monitor.errors import ConfigError
+from monitor.messages import Message, encode
+
+logger = logging.getLogger(__name__)
+
+
+class Publisher:
+    """Binds a PUB socket and sends messages with a per-sensor sequence number."""
+
+    def __init__(self, endpoint: str, *, sensor_id: str, send_hwm: int,
+                 context: zmq.Context[Any] | None = None) -> None:
+        if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(f"publish.endpoint: {endpoint!r} is not a ZeroMQ endpoint; use "
+                              "tcp://HOST:PORT or ipc:///path")
+        self.sensor_id = sensor_id
+        self.endpoint = endpoint
+        self._context = context or zmq.Context.instance()
+        self._socket = self._context.socket(zmq.PUB)
+        self._socket.setsockopt(zmq.SNDHWM, send_hwm)
+        self._socket.setsockopt(zmq.LINGER, 500)
+        try:
+            self._socket.bind(endpoint)
+        except zmq.ZMQError as err:
+            self._socket.close(linger=0)
+            raise ConfigError(f"publish.endpoint: cannot bind {endpoint!r}: {err.strerror}; "
+                              "pick a free port or path") from err
+        self.bound_endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._seq = 0
+        self.sent = 0
+        self.dropped = 0
+
+    def next_header(self) -> dict[str, Any]:
+        """Common fields of the next message: sensor_id, seq, ts."""
+        self._seq += 1
+        return {"sensor_id": self.sensor_id, "seq": self._seq, "ts": time.time()}
+
+    def send(self, message: Message) -> bool:
+        """Send without blocking; returns False (and counts a drop) when ZeroMQ refuses."""
+        try:
+            self._socket.send_multipart(encode(message), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        except zmq.ZMQError as err:
+            self.dropped += 1
+            logger.warning("publish failed on %s: %s", self.endpoint, err.strerror)
+            return False
+        self.sent += 1
+        return True
+
+    def publish(self, cls: type, **fields: Any) -> Message:
+        """Build a message of type `cls` with the next header and send it."""
+        message: Message = cls(**self.next_header(), **fields)
+        self.send(message)
+        return message
+
+    def close(self) -> None:
+        self._socket.close()
+

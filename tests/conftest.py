@@ -1,0 +1,28 @@
+"""Shared fixtures: the tiny real ONNX model and the real recordings in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache"
+                                             / "numba"))
+
+from tiny_model import build_tiny_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("AUDIO_MONITOR_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "labels.csv").is_file():
+        pytest.skip(f"real recordings not found at {SHARED_DATA} (set AUDIO_MONITOR_DATA)")
+    return SHARED_DATA

@@ -1,0 +1,115 @@
+"""A private JACK server (dummy driver) for tests of the real PortAudio capture path.
+
+Not a conftest: tests import it. The server gets its own name so it never
+touches a user's JACK; clients (PortAudio included) find it through the
+JACK_DEFAULT_SERVER environment variable, which must be set before PortAudio
+initialises (see `portaudio_on`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+READY_TIMEOUT_S = 10.0
+REQUIRE_ENV = "AUDIO_MONITOR_REQUIRE_JACK"  # set to 1 in CI: a missing jackd fails, not skips
+
+
+def require_jackd() -> str:
+    """Path of jackd; skip the test (visibly, with the reason) or fail in CI if it is missing."""
+    path = shutil.which("jackd")
+    missing = [name for name in ("jackd", "jack_lsp") if shutil.which(name) is None]
+    if missing:
+        reason = f"{', '.join(missing)} not installed (Debian package jackd2); real PortAudio path"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{reason} untested but {REQUIRE_ENV}=1")
+        pytest.skip(reason)
+    assert path is not None
+    return path
+
+
+class JackServer:
+    """One jackd process with the dummy driver; `start`/`kill` may be repeated (same name)."""
+
+    def __init__(self, name: str, *, rate: int, period: int, log_dir: Path) -> None:
+        self.name = name
+        self.rate = rate
+        self.period = period
+        self.log_path = log_dir / f"jackd-{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env = dict(os.environ, JACK_NO_AUDIO_RESERVATION="1", JACK_DEFAULT_SERVER=name)
+        self.env.pop("JACK_START_SERVER", None)
+        self.env["JACK_NO_START_SERVER"] = "1"
+
+    def start(self) -> None:
+        """Start jackd and wait until `jack_lsp` sees its ports."""
+        jackd = require_jackd()
+        cmd = [jackd, "--no-realtime", "-n", self.name, "-d", "dummy",
+               "-r", str(self.rate), "-p", str(self.period)]
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        log.close()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            lsp = subprocess.run(["jack_lsp"], env=self.env, capture_output=True, timeout=5)
+            if lsp.returncode == 0 and b"system:capture_1" in lsp.stdout:
+                return
+            time.sleep(0.05)
+        tail = self.log_path.read_text(errors="replace")[-400:]
+        self.kill()
+        raise RuntimeError(f"jackd -n {self.name} did not become ready: {tail!r}")
+
+    def kill(self) -> None:
+        """Kill the server abruptly (SIGKILL), like a device vanishing."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def jack_server(
+    name: str, *, rate: int = 16000, period: int = 160, log_dir: Path
+) -> Iterator[JackServer]:
+    """Run a private jackd for the duration of the block; always killed at the end."""
+    server = JackServer(name, rate=rate, period=period, log_dir=log_dir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@contextlib.contextmanager
+def portaudio_on(server: JackServer) -> Iterator[None]:
+    """Point PortAudio (and `jack` clients) at `server`; restore the environment afterwards.
+
+    PortAudio reads JACK_DEFAULT_SERVER when it initialises, so it is
+    re-initialised on entry and again on exit (so later tests see no JACK).
+    """
+    import sounddevice as sd
+
+    saved = {k: os.environ.get(k) for k in ("JACK_DEFAULT_SERVER", "JACK_NO_START_SERVER")}
+    os.environ["JACK_DEFAULT_SERVER"] = server.name
+    os.environ["JACK_NO_START_SERVER"] = "1"
+    sd._terminate()
+    sd._initialize()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        sd._terminate()
+        sd._initialize()
