@@ -1,8 +1,10 @@
 """ZeroMQ PUB side: numbers messages and sends them without ever blocking the pipeline.
 
 The socket lives and dies in the thread that creates it (the processing thread).
-A slow or dead subscriber fills its queue up to ``send_hwm``; later sends to it are
-dropped by ZeroMQ and counted here as ``dropped`` instead of stalling detection.
+A slow or dead subscriber fills its own queue up to ``send_hwm``; ZeroMQ then drops
+messages for that subscriber only, so one stuck dashboard cannot starve the pager.
+Those per-subscriber drops are invisible to a PUB socket by design: subscribers see
+them as gaps in ``seq``. ``dropped`` counts what this side could not send at all.
 """
 
 from __future__ import annotations
@@ -52,7 +54,13 @@ class Publisher:
     def send(self, message: Message) -> bool:
         """Send without blocking; returns False (and counts a drop) when ZeroMQ refuses."""
         try:
-            self._socket.send_multipart(encode(message), flags=zmq.NOBLOCK)
+            frames = encode(message)
+        except ValueError as err:  # e.g. NaN in a field: a bug upstream, never a crash here
+            self.dropped += 1
+            logger.warning("unsendable %s message dropped: %s", message.TYPE, err)
+            return False
+        try:
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
             self.dropped += 1
             return False

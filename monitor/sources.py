@@ -44,6 +44,7 @@ _JOIN_TIMEOUT_S = 2.0
 _SPACE_WAIT_S = 0.002  # fast file / stdin: wait this long for ring space (back-pressure)
 _BACKOFF_FIRST_S = 0.5
 _BACKOFF_MAX_S = 30.0
+_CLOSE_WARN_S = 5.0  # report a stream PortAudio has not closed after this long
 
 
 def _one_line(err: BaseException | str) -> str:
@@ -471,6 +472,9 @@ class MicSource(Source):
         self._next_retry = 0.0
         self._seen_callbacks = -1
         self._seen_at = 0.0
+        self._reaper: threading.Thread | None = None
+        self._closing_since = 0.0
+        self._close_warned = False
 
     # --- PortAudio thread -------------------------------------------------------------
     def _callback(
@@ -519,13 +523,19 @@ class MicSource(Source):
         self._stream = stream
 
     def _close_stream(self) -> None:
+        """Close the stream in a reaper thread, so a PortAudio call that hangs cannot block us.
+
+        PortAudio's JACK backend waits (up to 10 min) for a process cycle that
+        never comes when Pa_AbortStream/Pa_CloseStream run after the server died.
+        """
         stream, self._stream = self._stream, None
         if stream is None:
             return
-        try:
-            stream.abort(ignore_errors=True)
-        finally:
-            stream.close(ignore_errors=True)
+        reaper = threading.Thread(
+            target=_close_quietly, args=(stream,), name="mic-close", daemon=True
+        )
+        reaper.start()
+        self._reaper = reaper
 
     def start(self) -> None:
         if self._running:
@@ -538,6 +548,19 @@ class MicSource(Source):
     def stop(self) -> None:
         self._running = False
         self._close_stream()
+        reaper = self._reaper
+        if reaper is not None:
+            reaper.join(_JOIN_TIMEOUT_S)
+            if reaper.is_alive():
+                logger.warning("%s: PortAudio did not close the stream within %.1f s",
+                               self.description, _JOIN_TIMEOUT_S)
+            else:
+                self._reaper = None
+
+    @property
+    def closing(self) -> bool:
+        """True while a dead stream is still being closed by PortAudio (no reopen until done)."""
+        return self._reaper is not None and self._reaper.is_alive()
 
     def _stream_problem(self, now: float) -> str | None:
         """Why the open stream is considered dead, or None if it is fine."""
@@ -572,7 +595,7 @@ class MicSource(Source):
         self._open()
 
     def poll(self, now: float) -> None:
-        """Detect a dead stream and reopen it with backoff; never raises."""
+        """Detect a dead stream and reopen it with backoff; never raises, never blocks long."""
         if not self._running:
             return
         try:
@@ -585,7 +608,22 @@ class MicSource(Source):
                 logger.warning("%s; reopening in %.1f s", self._last_error, self._backoff)
                 self._close_stream()
                 self._next_retry = now + self._backoff
+                self._closing_since = now
                 return
+            if self.closing:
+                # Re-initialising PortAudio now would hang on the stream still closing.
+                waited = now - self._closing_since
+                if waited > _CLOSE_WARN_S and not self._close_warned:
+                    self._close_warned = True
+                    self._last_error = (
+                        f"{self.description}: PortAudio has not released the dead stream "
+                        f"after {waited:.0f} s (its JACK backend waits up to 10 min); "
+                        "reopening once it does"
+                    )
+                    logger.warning("%s", self._last_error)
+                return
+            self._reaper = None
+            self._close_warned = False
             if now < self._next_retry:
                 return
             self._reopen()
@@ -593,6 +631,7 @@ class MicSource(Source):
             self._last_error = f"{self.description}: reopen failed: {_one_line(err)}"
             self.counters.errors += 1
             self._close_stream()
+            self._closing_since = now
             self._backoff = min(self._backoff * 2.0, _BACKOFF_MAX_S)
             self._next_retry = now + self._backoff
             logger.warning("%s; next try in %.1f s", self._last_error, self._backoff)
@@ -601,6 +640,13 @@ class MicSource(Source):
         self._backoff = _BACKOFF_FIRST_S
         self._seen_callbacks = -1
         logger.info("reopened %s (reconnect %d)", self.description, self.counters.reconnects)
+
+
+def _close_quietly(stream: sd.InputStream) -> None:
+    try:
+        stream.abort(ignore_errors=True)
+    finally:
+        stream.close(ignore_errors=True)
 
 
 def parse_source(spec: str) -> tuple[str, str | None]:

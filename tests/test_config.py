@@ -1,0 +1,74 @@
+"""Config validation: every user mistake is one line naming the key, value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from monitor.config import Config, load_config
+from monitor.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_config_is_valid_and_frozen() -> None:
+    config = load_config(REPO / "config.yaml")
+    assert config.model.path == REPO / "models" / "yamnet.onnx"
+    assert config.publish.endpoint.startswith("tcp://127.0.0.1")
+    with pytest.raises(AttributeError):
+        config.sensor_id = "other"  # type: ignore[misc]
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, ""))
+    assert config.audio == Config().audio
+    assert config.model.path == tmp_path / "models" / "yamnet.onnx"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("sensr_id: x\n", "sensr_id: unknown key; allowed keys here: sensor_id"),
+    ("audio:\n  blok_ms: 5\n", "audio.blok_ms: unknown key"),
+    ("audio:\n  block_ms: fast\n", "audio.block_ms: 'fast' is not a number"),
+    ("audio:\n  block_ms: 0.5\n", "audio.block_ms: 0.5 is out of range; allowed 1 to 200"),
+    ("model:\n  threads: 1.5\n", "model.threads: 1.5 is not an integer"),
+    ("audio:\n  realtime: 1\n", "audio.realtime: 1 is not true or false"),
+    ("log_level: LOUD\n", "log_level: 'LOUD' is not allowed; choose one of DEBUG"),
+    ("sensor_id: 'bad id!'\n", "sensor_id: 'bad id!' is not allowed"),
+    ("events:\n  classes:\n    Cough:\n      threshold: 1.5\n",
+     "events.classes.Cough.threshold: 1.5 is out of range"),
+    ("events:\n  classes:\n    Cough:\n      threshold: 0.3\n      release: 0.5\n",
+     "events.classes.Cough.release: 0.5 is above threshold 0.3"),
+    ("events:\n  default:\n    confirm_n: 3\n    confirm_m: 2\n",
+     "events.default.confirm_n: 3 is above confirm_m 2"),
+    ("events:\n  default:\n    threshold: null\n", "events.default.threshold: must be set"),
+    ("publish: 5\n", "publish: expected a mapping of keys, got 5"),
+    ("- a\n- b\n", "must hold a mapping of keys, got list"),
+    ("audio: [\n", "is not valid YAML at line"),
+])
+def test_bad_values_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_are_validated_like_the_file(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "source: mic\n"),
+                         overrides={"source": "file:x.wav", "audio.realtime": False})
+    assert config.source == "file:x.wav"
+    assert config.audio.realtime is False
+    with pytest.raises(ConfigError, match="audio.sample_rate: 10 is out of range"):
+        load_config(None, overrides={"audio.sample_rate": 10})

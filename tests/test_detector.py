@@ -1,0 +1,116 @@
+"""The detector owns a real onnxruntime session and refuses models that do not fit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_model import build_tiny_model, loud_score
+
+from monitor.detector import Detector
+from monitor.errors import ModelError
+from monitor.frontend import FrontendParams
+
+
+def test_scores_the_newest_window_like_the_oracle(tiny_model: Path) -> None:
+    detector = Detector(tiny_model, threads=1)
+    assert detector.classes == ("loud", "quiet")
+    rng = np.random.default_rng(1)
+    frames = rng.normal(-4.0, 1.0, size=(60, 64)).astype(np.float32)
+    for i, frame in enumerate(frames):
+        detector.push(frame)
+        assert detector.window_full == (i + 1 >= detector.window_frames)
+    scores = detector.score()
+    expected = loud_score(frames[-detector.window_frames:])
+    assert scores[0] == pytest.approx(expected, abs=1e-5)
+    assert scores[1] == pytest.approx(1 - expected, abs=1e-5)
+    np.testing.assert_array_equal(detector.latest_frame, frames[-1])
+    detector.reset()
+    assert not detector.window_full
+
+
+def copy_model(tiny_model: Path, folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    target = folder / tiny_model.name
+    shutil.copy(tiny_model, target)
+    shutil.copy(tiny_model.with_suffix(".json"), target.with_suffix(".json"))
+    return target
+
+
+def edit_card(model: Path, **changes: object) -> None:
+    card_path = model.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card.update(changes)
+    card_path.write_text(json.dumps(card))
+
+
+def test_missing_model_file_names_the_fix(tiny_model: Path, tmp_path: Path) -> None:
+    model = copy_model(tiny_model, tmp_path)
+    edit_card(model, fetch="audio-monitor fetch-models")
+    model.unlink()
+    with pytest.raises(ModelError, match=r"tiny.onnx not found; run `audio-monitor fetch-models`"):
+        Detector(model)
+
+
+def test_missing_card(tiny_model: Path, tmp_path: Path) -> None:
+    model = copy_model(tiny_model, tmp_path)
+    model.with_suffix(".json").unlink()
+    with pytest.raises(ModelError, match="model card .*tiny.json not found"):
+        Detector(model)
+
+
+def test_front_end_mismatch_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    model = copy_model(tiny_model, tmp_path)
+    card = json.loads(model.with_suffix(".json").read_text())
+    frontend = dict(card["frontend"])
+    frontend["fmax_hz"] = 7000.0  # parameters changed, hash left as it was
+    edit_card(model, frontend=frontend)
+    with pytest.raises(ModelError, match="front-end hash .* does not match its parameters"):
+        Detector(model)
+
+
+def test_card_window_disagreeing_with_model_is_named(tiny_model: Path, tmp_path: Path) -> None:
+    model = copy_model(tiny_model, tmp_path)
+    edit_card(model, window_frames=48, input={"name": "log_mel", "shape": [1, 48, 64]})
+    with pytest.raises(ModelError, match=r"tensor 'log_mel' has shape \[1, 24, 64\], its card "
+                                         r"and front end need \[1, 48, 64\]"):
+        Detector(model)
+
+
+def test_wrong_input_name(tiny_model: Path, tmp_path: Path) -> None:
+    model = copy_model(tiny_model, tmp_path)
+    edit_card(model, input={"name": "waveform", "shape": [1, 24, 64]})
+    with pytest.raises(ModelError, match=r"card names input 'waveform', the model has \['log_mel'\]"):
+        Detector(model)
+
+
+def test_class_count_mismatch(tiny_model: Path, tmp_path: Path) -> None:
+    model = copy_model(tiny_model, tmp_path)
+    edit_card(model, classes=["a", "b", "c"])
+    with pytest.raises(ModelError, match=r"output shape \[1, 2\] does not match its 3 classes"):
+        Detector(model)
+
+
+def test_checksum_mismatch(tiny_model: Path, tmp_path: Path) -> None:
+    model = copy_model(tiny_model, tmp_path)
+    edit_card(model, sha256="0" * 64)
+    with pytest.raises(ModelError, match="has sha256 .* its card expects 0000"):
+        Detector(model)
+
+
+def test_corrupt_model_file(tiny_model: Path, tmp_path: Path) -> None:
+    model = copy_model(tiny_model, tmp_path)
+    model.write_bytes(b"not an onnx model")
+    with pytest.raises(ModelError, match="cannot be loaded"):
+        Detector(model)
+
+
+def test_other_front_end_parameters_work(tmp_path: Path) -> None:
+    params = FrontendParams(sample_rate=22050, n_fft=1024, window_ms=40.0, hop_ms=20.0,
+                            n_mels=40, fmin_hz=50.0, fmax_hz=11000.0)
+    detector = Detector(build_tiny_model(tmp_path, params=params, window_frames=10))
+    assert detector.card.frontend == params
+    assert detector.card.frontend.n_mels == 40

@@ -1,0 +1,118 @@
+"""The event state machine: thresholds, hysteresis, N-of-M, minimum duration, refractory."""
+
+from __future__ import annotations
+
+import pytest
+
+from monitor.events import ClassEventLogic, ClassRule, EventLogic, Transition
+
+STRIDE = 1600  # 100 ms at 16 kHz
+WINDOW = 8000
+
+
+def rule(**changes: float) -> ClassRule:
+    values = {"threshold": 0.5, "release": 0.3, "confirm_n": 1, "confirm_m": 1,
+              "min_duration": 0, "refractory": 0}
+    values.update(changes)
+    return ClassRule(**values)  # type: ignore[arg-type]
+
+
+def feed(logic: ClassEventLogic, scores: list[float], *,
+         flush: bool = True) -> list[tuple[str, int, Transition]]:
+    """Feed scores at one stride apart; returns (phase, window index, transition)."""
+    out = []
+    for i, score in enumerate(scores):
+        end = WINDOW + i * STRIDE
+        t = logic.update(score, end)
+        if t is not None:
+            out.append((t.phase, i, t))
+    if flush:
+        t = logic.flush(WINDOW + len(scores) * STRIDE)
+        if t is not None:
+            out.append((t.phase, len(scores), t))
+    return out
+
+
+def make(**changes: float) -> ClassEventLogic:
+    return ClassEventLogic("fall", rule(**changes), window=WINDOW, stride=STRIDE)
+
+
+def test_start_then_end_with_peak_and_times() -> None:
+    got = feed(make(), [0.1, 0.2, 0.7, 0.9, 0.6, 0.1, 0.1])
+    assert [(phase, i) for phase, i, _ in got] == [("start", 2), ("end", 5)]
+    start, end = got[0][2], got[1][2]
+    assert start.event_number == end.event_number == 1
+    assert start.onset == WINDOW + 2 * STRIDE - STRIDE  # entered during the last stride
+    assert end.peak_score == pytest.approx(0.9)
+    assert end.offset is not None and end.offset >= end.onset
+
+
+def test_hysteresis_keeps_one_event_while_score_wobbles() -> None:
+    # Dips below threshold (0.5) but not below release (0.3) do not end the event.
+    got = feed(make(), [0.6, 0.45, 0.55, 0.35, 0.6, 0.2])
+    assert [phase for phase, _, _ in got] == ["start", "end"]
+
+
+def test_without_hysteresis_it_would_flap() -> None:
+    got = feed(make(release=0.5), [0.6, 0.45, 0.55, 0.35, 0.6, 0.2])
+    assert [phase for phase, _, _ in got] == ["start", "end"] * 3
+
+
+def test_n_of_m_rejects_isolated_hits() -> None:
+    logic = make(confirm_n=2, confirm_m=3)
+    assert feed(logic, [0.9, 0.1, 0.1, 0.9, 0.1, 0.1]) == []
+    got = feed(make(confirm_n=2, confirm_m=3), [0.9, 0.1, 0.9, 0.8, 0.1])
+    assert [(phase, i) for phase, i, _ in got] == [("start", 2), ("end", 4)]
+    # The onset is placed at the first hit of the confirming set, not the confirming one.
+    assert got[0][2].onset == WINDOW - STRIDE
+
+
+def test_min_duration_suppresses_short_events_and_counts_them() -> None:
+    logic = make(min_duration=3 * STRIDE)
+    assert feed(logic, [0.9, 0.9, 0.1, 0.1]) == []
+    assert logic.suppressed == 1
+    got = feed(make(min_duration=3 * STRIDE), [0.9, 0.9, 0.9, 0.9, 0.1])
+    assert [(phase, i) for phase, i, _ in got] == [("start", 2), ("end", 4)]
+    assert got[0][2].event_number == 1
+
+
+def test_refractory_time_blocks_a_quick_repeat() -> None:
+    scores = [0.9, 0.1, 0.9, 0.1, 0.1, 0.1, 0.1, 0.9, 0.1]
+    without = feed(make(), scores)
+    assert [phase for phase, _, _ in without] == ["start", "end"] * 3
+    within = feed(make(refractory=3 * STRIDE), scores)
+    assert [(phase, i) for phase, i, _ in within] == [("start", 0), ("end", 1),
+                                                     ("start", 7), ("end", 8)]
+    assert [t.event_number for _, _, t in within] == [1, 1, 2, 2]
+
+
+def test_flush_closes_an_active_event() -> None:
+    got = feed(make(), [0.1, 0.9, 0.9])
+    assert [(phase, i) for phase, i, _ in got] == [("start", 1), ("end", 3)]
+
+
+def test_reset_forgets_state() -> None:
+    logic = make()
+    feed(logic, [0.9], flush=False)
+    assert logic.active
+    logic.reset()
+    assert not logic.active
+
+
+def test_bad_rules_are_refused() -> None:
+    with pytest.raises(ValueError, match="release <= threshold"):
+        make(release=0.8)
+    with pytest.raises(ValueError, match="confirm_n <= confirm_m"):
+        make(confirm_n=3, confirm_m=2)
+
+
+def test_event_logic_routes_scores_by_class_index() -> None:
+    logic = EventLogic({"fall": rule(), "cough": rule(threshold=0.8, release=0.5)},
+                       ("speech", "cough", "fall"), window=WINDOW, stride=STRIDE)
+    got = logic.update([0.9, 0.7, 0.6], WINDOW)
+    assert [t.label for t in got] == ["fall"]
+    got = logic.update([0.0, 0.9, 0.0], WINDOW + STRIDE)
+    assert sorted((t.label, t.phase) for t in got) == [("cough", "start"), ("fall", "end")]
+    assert [(t.label, t.phase) for t in logic.flush(WINDOW + 2 * STRIDE)] == [("cough", "end")]
+    with pytest.raises(ValueError, match="does not have"):
+        EventLogic({"siren": rule()}, ("speech",), window=WINDOW, stride=STRIDE)
