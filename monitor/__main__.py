@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--fast", action="store_true",
                      help="file source: read as fast as possible, not at real-time pace")
     run.add_argument("--rate", type=int, help="sample rate of the source (stdin PCM, mic)")
+    run.add_argument("--wait-subscriber", type=float, default=0.0, metavar="SECONDS",
+                     help="before starting the source, wait up to SECONDS for a subscriber "
+                          "(batch runs that must not miss the first messages)")
     run.set_defaults(handler=_cmd_run)
 
     devices = sub.add_parser("devices", help="list audio input devices")
@@ -125,6 +128,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     daemon = Daemon(config, source=source, detector=detector, publisher=publisher)
     logger.info("publishing on %s as %s; model %s; source %s", publisher.bound_endpoint,
                 config.sensor_id, detector.card.name, source.description)
+    if args.wait_subscriber > 0 and not publisher.wait_for_subscriber(args.wait_subscriber):
+        logger.warning("no subscriber after %.1f s; starting anyway", args.wait_subscriber)
     try:
         daemon.run(stop)
     finally:
@@ -158,6 +163,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
         socket.setsockopt_string(zmq.SUBSCRIBE, topic)
     socket.connect(args.endpoint)
     received = 0
+    last_seq: dict[str, int] = {}  # seq counts every topic, so gaps show only without --topic
     timeout_ms = int(args.timeout * 1000) if args.timeout > 0 else -1
     try:
         while args.count == 0 or received < args.count:
@@ -171,6 +177,11 @@ def _cmd_listen(args: argparse.Namespace) -> int:
             except MessageError as err:
                 print(f"audio-monitor: dropped a bad message: {err}", file=sys.stderr)
                 continue
+            previous = last_seq.get(message.sensor_id)
+            if not args.topic and previous is not None and message.seq > previous + 1:
+                print(f"audio-monitor: {message.sensor_id}: {message.seq - previous - 1} "
+                      f"message(s) lost before seq {message.seq}", file=sys.stderr)
+            last_seq[message.sensor_id] = message.seq
             body = {"topic": message.topic, "v": SCHEMA_VERSION, "type": message.TYPE,
                     **message.__dict__}
             print(json.dumps(body), flush=True)
@@ -216,6 +227,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from monitor.demo import run_demo
 
     config = _load(args)
+    logging.getLogger("monitor").setLevel(logging.WARNING)  # the demo prints what matters
     return run_demo(config, audio=args.file, fast=args.fast)
 
 

@@ -162,6 +162,10 @@ def _check_cross_fields(config: Config) -> None:
     if not SENSOR_ID_PATTERN.match(config.sensor_id):
         raise ConfigError(f"sensor_id: {config.sensor_id!r} is not allowed; use letters, digits "
                           "and _.- (up to 64, starting with a letter or digit)")
+    endpoint = config.publish.endpoint
+    if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+        raise ConfigError(f"publish.endpoint: {endpoint!r} is not a ZeroMQ endpoint; use "
+                          "tcp://HOST:PORT or ipc:///path")
     rules = {"events.default": config.events.default}
     rules.update({f"events.classes.{name}": rule for name, rule in config.events.classes.items()})
     for where, rule in rules.items():

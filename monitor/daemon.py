@@ -151,6 +151,7 @@ class Daemon:
                     source.poll(now)
                     next_poll = now + POLL_INTERVAL_S
                 if now >= next_status:
+                    self.publisher.drain_subscriptions()
                     self.publish_status(self._state())
                     next_status = now + status_every
         finally:

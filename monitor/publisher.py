@@ -32,8 +32,10 @@ class Publisher:
         self.sensor_id = sensor_id
         self.endpoint = endpoint
         self._context = context or zmq.Context.instance()
-        self._socket = self._context.socket(zmq.PUB)
+        # XPUB is PUB that also hears subscriptions: `wait_for_subscriber` needs them.
+        self._socket = self._context.socket(zmq.XPUB)
         self._socket.setsockopt(zmq.SNDHWM, send_hwm)
+        self._socket.setsockopt(zmq.RCVHWM, 100)
         self._socket.setsockopt(zmq.LINGER, 500)
         try:
             self._socket.bind(endpoint)
@@ -45,6 +47,22 @@ class Publisher:
         self._seq = 0
         self.sent = 0
         self.dropped = 0
+
+    def wait_for_subscriber(self, timeout_s: float) -> bool:
+        """Block until a subscription arrives (batch runs that must not lose the first
+        messages to ZeroMQ's slow-joiner gap); False on timeout."""
+        if self._socket.poll(int(timeout_s * 1000)):
+            self.drain_subscriptions()
+            return True
+        return False
+
+    def drain_subscriptions(self) -> int:
+        """Read pending (un)subscription notices so they never pile up; returns how many."""
+        count = 0
+        while self._socket.poll(0):
+            self._socket.recv()
+            count += 1
+        return count
 
     def next_header(self) -> dict[str, Any]:
         """Common fields of the next message: sensor_id, seq, ts."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -68,10 +69,21 @@ class JackServer:
         self.kill()
         raise RuntimeError(f"jackd -n {self.name} did not become ready: {tail!r}")
 
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): the device stops delivering, like a hung driver."""
+        assert self.proc is not None and self.proc.poll() is None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused server run again (SIGCONT)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """Kill the server abruptly (SIGKILL), like a device vanishing."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # a paused server must not outlive the test
             proc.kill()
             proc.wait(timeout=10)
 

@@ -12,9 +12,8 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +21,14 @@ import pytest
 import soundfile as sf
 
 try:
-    from tests.jack_server import jack_server, portaudio_on, require_jackd
+    from tests.jack_server import JackServer, jack_server, portaudio_on, require_jackd
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from jack_server import jack_server, portaudio_on, require_jackd  # type: ignore[no-redef]
+    from jack_server import (  # type: ignore[no-redef]
+        JackServer,
+        jack_server,
+        portaudio_on,
+        require_jackd,
+    )
 
 from monitor.sources import MicSource
 
@@ -46,7 +50,7 @@ def _reference_clip() -> np.ndarray:
 
 
 class _Player:
-    """A JACK client that plays `clip` once into its output port after `arm()`, silence otherwise."""
+    """JACK client playing `clip` once into its output port once `armed`, silence otherwise."""
 
     def __init__(self, server_name: str, clip: np.ndarray) -> None:
         import jack
@@ -137,3 +141,155 @@ def test_capture_through_portaudio_jack_is_bit_exact(tmp_path: Path) -> None:
     assert mic.ring.overrun_samples == 0 and mic.counters.input_overflow == 0
     assert mic.counters.callbacks > 0 and mic.counters.errors == 0
     assert mic.last_error is None
+
+
+# --- device failure and recovery ------------------------------------------------------------
+# These run in a child process: after a JACK server dies, PortAudio (19.6/19.7 JACK backend)
+# blocks up to 10 min in Pa_AbortStream/Pa_CloseStream/Pa_Terminate waiting for a process cycle
+# that never comes, and sounddevice's atexit handler calls Pa_Terminate. The child prints its
+# observations as JSON and leaves with os._exit; the test asserts on them.
+
+
+def _scenario_stall(server_name: str, log_dir: str) -> dict[str, object]:
+    """Freeze jackd (SIGSTOP): poll() sees no callbacks, closes, and reopens after SIGCONT."""
+    server = JackServer(server_name, rate=RATE, period=160, log_dir=Path(log_dir))
+    server.start()
+    result: dict[str, object] = {}
+    try:
+        with portaudio_on(server):
+            mic = MicSource("system", sample_rate=RATE, channels=2, ring_seconds=4.0,
+                            block_ms=10, stall_s=2.0)
+            mic.start()
+            _wait_for(lambda: mic.counters.callbacks > 5)
+            now = 1000.0  # fake monotonic clock: no sleeping for the stall timeout
+            mic.poll(now)
+            server.pause()
+            calls = mic.counters.callbacks
+            time.sleep(0.1)
+            result["callbacks_frozen"] = mic.counters.callbacks - calls <= 2
+            now += 0.1
+            mic.poll(now)
+            now += 2.5  # past stall_s with no callback
+            mic.poll(now)
+            result["error_after_stall"] = mic.last_error
+            result["errors"] = mic.counters.errors
+            result["closing_while_paused"] = mic.closing
+            server.resume()
+            deadline = time.monotonic() + 15.0
+            while mic.counters.reconnects == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+                now += 0.1  # backoff is measured on the fake clock too
+                mic.poll(now)
+            result["reconnects"] = mic.counters.reconnects
+            written = mic.ring.written_total
+            _wait_for(lambda: mic.ring.written_total - written >= RATE * 2 // 2)
+            result["samples_after_reconnect"] = mic.ring.written_total - written
+            mic.poll(now + 0.1)
+            result["errors_final"] = mic.counters.errors
+            mic.stop()
+    finally:
+        server.kill()
+    return result
+
+
+def _scenario_kill(server_name: str, log_dir: str) -> dict[str, object]:
+    """Kill jackd: poll() must not raise or block, must report, and must not re-init PortAudio
+    while PortAudio still holds the dead stream; then jackd is restarted."""
+    server = JackServer(server_name, rate=RATE, period=160, log_dir=Path(log_dir))
+    server.start()
+    result: dict[str, object] = {}
+    try:
+        with portaudio_on(server):
+            mic = MicSource("system", sample_rate=RATE, channels=2, ring_seconds=4.0,
+                            block_ms=10)
+            mic.start()
+            _wait_for(lambda: mic.counters.callbacks > 5)
+            server.kill()
+            now = 1000.0
+            slowest = 0.0
+            deadline = time.monotonic() + 5.0
+            while mic.last_error is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+                now += 0.1
+                t0 = time.monotonic()
+                mic.poll(now)
+                slowest = max(slowest, time.monotonic() - t0)
+            result["error_after_kill"] = mic.last_error
+            result["closing"] = mic.closing
+            server.start()
+            for _ in range(40):  # 4 s of fake time after the restart, 10 s of polling
+                time.sleep(0.05)
+                now += 0.25
+                t0 = time.monotonic()
+                mic.poll(now)
+                slowest = max(slowest, time.monotonic() - t0)
+            result["slowest_poll_s"] = slowest
+            result["closing_after_restart"] = mic.closing
+            result["reconnects"] = mic.counters.reconnects
+            result["error_final"] = mic.last_error
+            result["errors"] = mic.counters.errors
+            # Leaving portaudio_on would call Pa_Terminate, which hangs on the dead stream.
+            _emit_and_exit(result, server)
+    finally:
+        server.kill()
+    return result
+
+
+def _emit_and_exit(result: dict[str, object], server: JackServer) -> None:
+    print(json.dumps(result), flush=True)
+    server.kill()
+    os._exit(0)  # skip sounddevice's atexit Pa_Terminate as well
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _run_scenario(name: str, tmp_path: Path, timeout: float = 90.0) -> dict[str, object]:
+    require_jackd()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    env.setdefault("NUMBA_CACHE_DIR", "/tmp/numba-cache")
+    cmd = [sys.executable, str(Path(__file__)), name, f"am{name}{os.getpid()}", str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, cwd=REPO)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # the child's own group: it and its jackd
+        out, err = proc.communicate()
+        pytest.fail(f"scenario {name} hung: {err.decode(errors='replace')[-2000:]}")
+    lines = [ln for ln in out.decode().splitlines() if ln.startswith("{")]
+    assert proc.returncode == 0 and lines, err.decode(errors="replace")[-3000:]
+    result: dict[str, object] = json.loads(lines[-1])
+    return result
+
+
+def test_stalled_device_is_reopened_and_audio_flows_again(tmp_path: Path) -> None:
+    r = _run_scenario("stall", tmp_path)
+    assert r["callbacks_frozen"] is True
+    assert "no audio from input device" in str(r["error_after_stall"])
+    assert r["errors"] == 1
+    assert r["reconnects"] == 1
+    assert int(r["samples_after_reconnect"]) >= RATE  # 0.5 s of stereo arrives again
+    assert r["errors_final"] == 1
+
+
+def test_killed_jack_server_poll_survives_and_reports(tmp_path: Path) -> None:
+    r = _run_scenario("kill", tmp_path)
+    assert "no longer active" in str(r["error_after_kill"])
+    assert float(r["slowest_poll_s"]) < 5.0, "poll() blocked on PortAudio"
+    # PortAudio's JACK backend keeps the dead stream for up to 10 min; until it lets go,
+    # poll must not re-initialise PortAudio (that would hang) and must say why it waits.
+    if r["closing_after_restart"]:
+        assert r["reconnects"] == 0
+        assert "has not released the dead stream" in str(r["error_final"])
+    else:  # a PortAudio that releases the stream promptly: then it must reconnect
+        assert int(r["reconnects"]) >= 1
+
+
+if __name__ == "__main__":
+    _scenario = {"stall": _scenario_stall, "kill": _scenario_kill}[sys.argv[1]]
+    print(json.dumps(_scenario(sys.argv[2], sys.argv[3])), flush=True)
+    os._exit(0)

@@ -1,0 +1,160 @@
+"""The labelled clips, their deterministic splits, and waveform augmentation.
+
+Splits never cut a clip: SAFE clips split by their published fold (1-5 train, 6 validation,
+7-8 test), the others by a hash of the file name, so a file keeps its split on every machine
+and as the data set grows.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from scipy import signal
+
+from monitor.errors import SourceError
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+CLASSES = ("cough", "fall", "glass_break", "other")
+"""Head outputs, in order; `other` is everyday background and never raises an event."""
+EVENT_CLASSES = CLASSES[:3]
+LABEL_TO_CLASS = {"cough": "cough", "fall": "fall", "glass_break": "glass_break",
+                  "non_fall": "other", "background": "other"}
+SPLITS = ("train", "val", "test")
+SAFE_FOLDS = {"train": (1, 2, 3, 4, 5), "val": (6,), "test": (7, 8)}
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One labelled file of the data set (a row of labels.csv)."""
+
+    path: Path
+    label: str
+    """Label as in labels.csv (e.g. non_fall)."""
+    cls: str
+    """Head class (one of CLASSES)."""
+    duration_s: float
+    source: str
+    license: str
+    split: str
+    channel: str
+
+
+def split_of(rel_path: str, fold: str) -> str:
+    """`train`, `val` or `test` for one clip (see the module docstring)."""
+    if fold:
+        n = int(fold)
+        return next(name for name, folds in SAFE_FOLDS.items() if n in folds)
+    bucket = int(hashlib.sha256(Path(rel_path).name.encode()).hexdigest()[:8], 16) % 10
+    return "test" if bucket < 2 else "val" if bucket == 2 else "train"
+
+
+def read_clips(data_dir: Path) -> list[Clip]:
+    """Every clip of a label we train on, in labels.csv order."""
+    labels = data_dir / "labels.csv"
+    try:
+        with labels.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as err:
+        raise SourceError(f"cannot read {labels}: {err}; pass the data folder that holds "
+                          "labels.csv") from err
+    clips = []
+    for row in rows:
+        cls = LABEL_TO_CLASS.get(row["label"])
+        if cls is None:
+            continue
+        clips.append(Clip(path=data_dir / row["path"], label=row["label"], cls=cls,
+                          duration_s=float(row["duration_s"]), source=row["source"],
+                          license=row["license"], split=split_of(row["path"], row["fold"]),
+                          channel=row.get("channel", "")))
+    if not clips:
+        raise SourceError(f"{labels} lists no clip with a label in {sorted(LABEL_TO_CLASS)}")
+    return clips
+
+
+def load_audio(path: Path, *, max_s: float | None = None) -> np.ndarray:
+    """Mono float32 at SAMPLE_RATE (the data set is 16 kHz already; anything else is an error)."""
+    try:
+        x, sr = sf.read(str(path), dtype="float32", always_2d=True,
+                        frames=-1 if max_s is None else int(max_s * SAMPLE_RATE))
+    except (sf.LibsndfileError, RuntimeError, OSError) as err:
+        raise SourceError(f"cannot read audio file {path}: {err}") from err
+    if sr != SAMPLE_RATE:
+        raise SourceError(f"{path}: sample rate {sr} Hz, expected {SAMPLE_RATE} Hz")
+    return np.ascontiguousarray(x.mean(axis=1))
+
+
+def pad(x: np.ndarray, *, seconds: float) -> np.ndarray:
+    """Digital silence before and after: short clips still fill a window, edges are scored."""
+    n = int(seconds * SAMPLE_RATE)
+    return np.concatenate([np.zeros(n, np.float32), x, np.zeros(n, np.float32)])
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)) + 1e-12))
+
+
+def _active_rms(x: np.ndarray) -> float:
+    """RMS of the loudest 20 % of 20 ms frames: the event's level, not its silences."""
+    frames = x[: len(x) // 320 * 320].reshape(-1, 320)
+    if frames.shape[0] == 0:
+        return _rms(x)
+    energy = np.sort(np.mean(np.square(frames, dtype=np.float64), axis=1))
+    top = energy[-max(1, energy.shape[0] // 5):]
+    return float(np.sqrt(top.mean() + 1e-12))
+
+
+def _reverb(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Convolve with exponentially decaying noise (RT60 0.2-0.9 s), keep some direct path."""
+    rt60 = rng.uniform(0.2, 0.9)
+    n = int(rt60 * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    ir = rng.standard_normal(n) * np.exp(-6.9 * t / rt60)
+    ir[0] = 1.0 / rng.uniform(0.3, 1.0)
+    ir /= np.sqrt(np.sum(ir**2))
+    return signal.fftconvolve(x, ir)[: len(x)].astype(np.float32)
+
+
+_PHONE_SOS = signal.butter(6, [300.0, 3400.0], btype="bandpass", fs=SAMPLE_RATE, output="sos")
+
+
+def _phone(x: np.ndarray) -> np.ndarray:
+    return signal.sosfilt(_PHONE_SOS, x).astype(np.float32)
+
+
+def augment(x: np.ndarray, *, rng: np.random.Generator, beds: list[np.ndarray],
+            phone_p: float) -> np.ndarray:
+    """One random chain: reverberation, phone band, a real background bed or coloured noise at
+    0-25 dB SNR, then gain. `beds` are other clips' background audio (training split only)."""
+    y = x.astype(np.float32, copy=True)
+    if rng.random() < 0.35:
+        y = _reverb(y, rng)
+    if rng.random() < phone_p:
+        y = _phone(y)
+    level = _active_rms(y)
+    if beds and rng.random() < 0.7:
+        bed = beds[int(rng.integers(len(beds)))]
+        reps = -(-len(y) // len(bed))
+        bed = np.tile(bed, reps)
+        start = int(rng.integers(0, len(bed) - len(y) + 1))
+        noise = bed[start:start + len(y)]
+    else:
+        white = rng.standard_normal(len(y)).astype(np.float32)
+        tilt = rng.uniform(0.0, 0.98)  # 0 = white, near 1 = strongly low-passed (brown-ish)
+        noise = signal.lfilter([1.0], [1.0, -tilt], white).astype(np.float32)
+    snr_db = rng.uniform(0.0, 25.0)
+    noise_level = _rms(noise)
+    if noise_level > 1e-6:
+        y = y + noise * (level / noise_level * 10.0 ** (-snr_db / 20.0))
+    y *= 10.0 ** (rng.uniform(-20.0, 6.0) / 20.0)
+    peak = float(np.max(np.abs(y))) if y.size else 0.0
+    if peak > 0.99:
+        y *= 0.99 / peak
+    return y.astype(np.float32)

@@ -1,0 +1,128 @@
+"""Clip -> log-mel (the live front end) -> 96-frame windows -> cached YAMNet embeddings.
+
+Features come from `monitor.frontend.logmel_of`, the streaming code the daemon runs, so the
+head is trained on exactly what it will be fed. Embeddings are cached under `.cache/` keyed by
+everything that changes them (files, augmentation variant and seed, front end, YAMNet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from monitor.frontend import FrontendParams, logmel_of
+from monitor.training.compose import embedding_model_bytes
+from monitor.training.dataset import CLASSES, Clip, augment, load_audio, pad
+from monitor.yamnet import MODEL_SHA256, WINDOW_FRAMES
+
+logger = logging.getLogger(__name__)
+
+FEATURES_VERSION = 3
+"""Bump when augmentation or windowing changes, to invalidate the cache."""
+PAD_S = 0.5
+"""Silence added before and after every clip (training and evaluation alike)."""
+MAX_TRAIN_S = 15.0
+"""Training reads at most this much of a clip (a few cough files run past a minute)."""
+_BATCH = 256
+
+
+@dataclass
+class Windows:
+    """Embeddings of every window of a set of clips; row i belongs to clip `clip[i]`."""
+
+    emb: np.ndarray
+    """(n, 1024) float32 YAMNet embeddings."""
+    energy: np.ndarray
+    """(n,) mean of the window's 10 loudest frames (mean log-mel), for picking event windows."""
+    clip: np.ndarray
+    """(n,) index into the clip list."""
+    start: np.ndarray
+    """(n,) first frame of the window in the padded clip."""
+
+
+def windows_of(logmel: np.ndarray, *, hop_frames: int) -> np.ndarray:
+    """(n, 96, n_mels) windows starting at frames 0, hop, 2 hop, ... (as the live detector)."""
+    if logmel.shape[0] < WINDOW_FRAMES:
+        return np.zeros((0, WINDOW_FRAMES, logmel.shape[1]), np.float32)
+    view = np.lib.stride_tricks.sliding_window_view(logmel, WINDOW_FRAMES, axis=0)
+    return np.ascontiguousarray(view[::hop_frames].transpose(0, 2, 1))
+
+
+class Embedder:
+    """Batched YAMNet-to-embedding session (training only; the daemon runs events.onnx)."""
+
+    def __init__(self, yamnet_path: Path, *, threads: int = 2) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(embedding_model_bytes(yamnet_path), options,
+                                             providers=["CPUExecutionProvider"])
+
+    def embed(self, windows: np.ndarray) -> np.ndarray:
+        """(n, 96, 64) float32 -> (n, 1024) float32."""
+        out = np.zeros((windows.shape[0], 1024), np.float32)
+        for i in range(0, windows.shape[0], _BATCH):
+            (out[i:i + _BATCH],) = self._session.run(None, {"log_mel": windows[i:i + _BATCH]})
+        return out
+
+
+def clip_audio(clip: Clip, *, variant: int, seed: int, beds: list[np.ndarray],
+               max_s: float | None) -> np.ndarray:
+    """Padded waveform of a clip; variant 0 is clean, k > 0 an augmentation drawn from the seed."""
+    x = pad(load_audio(clip.path, max_s=max_s), seconds=PAD_S)
+    if variant == 0:
+        return x
+    key = int(hashlib.sha256(f"{seed}:{variant}:{clip.path.name}".encode()).hexdigest()[:12], 16)
+    rng = np.random.default_rng(key)
+    phone_p = 0.15 if clip.cls == "cough" else 0.4  # half the coughs are phone-band already
+    return augment(x, rng=rng, beds=beds, phone_p=phone_p)
+
+
+def extract(clips: list[Clip], *, yamnet_path: Path, cache_dir: Path, params: FrontendParams,
+            hop_frames: int, variant: int = 0, seed: int = 0, beds: list[np.ndarray] | None = None,
+            max_s: float | None = None, embedder: Embedder | None = None) -> Windows:
+    """Windows of every clip (cached); see `clip_audio` for `variant`."""
+    key_src = json.dumps({"v": FEATURES_VERSION, "files": [c.path.name for c in clips],
+                          "variant": variant, "seed": seed, "hop": hop_frames, "max_s": max_s,
+                          "frontend": params.hash(), "yamnet": MODEL_SHA256,
+                          "beds": len(beds or [])}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    path = cache_dir / f"windows-{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return Windows(z["emb"].astype(np.float32), z["energy"], z["clip"], z["start"])
+    t0 = time.perf_counter()
+    model = embedder if embedder is not None else Embedder(yamnet_path)
+    embs, energies, clip_ids, starts = [], [], [], []
+    for i, clip in enumerate(clips):
+        x = clip_audio(clip, variant=variant, seed=seed, beds=beds or [], max_s=max_s)
+        mel = logmel_of(x, params)
+        win = windows_of(mel, hop_frames=hop_frames)
+        frame_energy = mel.mean(axis=1)
+        loud = np.sort(windows_of(frame_energy[:, None], hop_frames=hop_frames)[:, :, 0], axis=1)
+        embs.append(model.embed(win))
+        energies.append(loud[:, -10:].mean(axis=1).astype(np.float32))
+        clip_ids.append(np.full(win.shape[0], i, np.int32))
+        starts.append(np.arange(win.shape[0], dtype=np.int32) * hop_frames)
+    out = Windows(np.concatenate(embs), np.concatenate(energies), np.concatenate(clip_ids),
+                  np.concatenate(starts))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part.npz")
+    np.savez(tmp, emb=out.emb.astype(np.float16), energy=out.energy, clip=out.clip,
+             start=out.start)
+    tmp.replace(path)
+    logger.info("embedded %d clips (variant %d) into %d windows in %.1f s", len(clips), variant,
+                out.emb.shape[0], time.perf_counter() - t0)
+    return out
+
+
+def class_index(clips: list[Clip]) -> np.ndarray:
+    """(n_clips,) head class index of each clip."""
+    return np.array([CLASSES.index(c.cls) for c in clips], np.int64)

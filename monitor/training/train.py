@@ -1,0 +1,272 @@
+"""Train the event head on YAMNet embeddings, multiple-instance style, and write its card.
+
+Clip labels are weak: a 3 s fall clip holds one impact, a cough clip has silences. So every
+window of an `other` clip is a negative, while a positive clip contributes only the windows
+that hold its event: first the loudest ones (pass 1), then those the pass-1 head scores
+highest (pass 2). Windows of positive clips that are not picked are left out, never negatives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monitor.detector import read_card
+from monitor.errors import MonitorError
+from monitor.training.compose import (
+    CARD_FILE,
+    EVENTS_FILE,
+    HEAD_FILE,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    compose_events_model,
+)
+from monitor.training.dataset import CLASSES, EVENT_CLASSES, Clip, load_audio, read_clips
+from monitor.training.features import MAX_TRAIN_S, Embedder, Windows, class_index, extract
+from monitor.yamnet import MODEL_FILE, WINDOW_FRAMES
+
+logger = logging.getLogger(__name__)
+
+N_AUGMENTED = 4
+"""Augmented copies of every training clip, besides the clean one."""
+TRAIN_HOP_FRAMES = 24
+EVAL_HOP_FRAMES = 10
+"""Validation windows start every 10 frames (100 ms), as the daemon's default stride."""
+HIDDEN = 128
+TARGET_PRECISION = 0.9
+OTHER = CLASSES.index("other")
+
+
+def pick_windows(w: Windows, clip_cls: np.ndarray, *, probs: np.ndarray | None) -> np.ndarray:
+    """Indices of training windows: all of `other` clips, the event windows of the others.
+
+    probs None: the loudest third of each positive clip's windows (at least one); else those
+    whose own-class probability is >= 0.5, and always the best one.
+    """
+    keep = np.zeros(w.clip.shape[0], bool)
+    cls = clip_cls[w.clip]
+    keep[cls == OTHER] = True
+    order = np.lexsort((w.start, w.clip))
+    bounds = np.flatnonzero(np.diff(w.clip[order], prepend=-1, append=-1))
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        idx = order[a:b]
+        c = cls[idx[0]]
+        if c == OTHER:
+            continue
+        if probs is None:
+            k = max(1, round(len(idx) / 3))
+            keep[idx[np.argsort(-w.energy[idx], kind="stable")[:k]]] = True
+        else:
+            p = probs[idx, c]
+            keep[idx[p >= 0.5]] = True
+            keep[idx[int(np.argmax(p))]] = True
+    return np.flatnonzero(keep)
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, *, seed: int) -> Any:
+    """Standardise, then a one-hidden-layer MLP with classes weighted to equal total weight."""
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    counts = np.bincount(y, minlength=len(CLASSES)).astype(np.float64)
+    weight = (len(y) / (len(CLASSES) * np.maximum(counts, 1.0)))[y]
+    mlp = MLPClassifier(hidden_layer_sizes=(HIDDEN,), alpha=1e-2, batch_size=256,
+                        learning_rate_init=1e-3, max_iter=40, random_state=seed, tol=1e-5,
+                        n_iter_no_change=40)
+    pipe = make_pipeline(StandardScaler(), mlp)
+    pipe.fit(x, y, mlpclassifier__sample_weight=weight)
+    return pipe
+
+
+def head_to_arrays(pipe: Any) -> dict[str, np.ndarray]:
+    """Fold the scaler into the first layer: w1' = w1 / s, b1' = b1 - (m / s) @ w1."""
+    scaler, mlp = pipe[0], pipe[-1]
+    if list(mlp.classes_) != list(range(len(CLASSES))):
+        raise MonitorError(f"head was trained on classes {list(mlp.classes_)}; every class of "
+                           f"{CLASSES} needs training windows")
+    w1 = mlp.coefs_[0] / scaler.scale_[:, None]
+    b1 = mlp.intercepts_[0] - (scaler.mean_ / scaler.scale_) @ mlp.coefs_[0]
+    return {"w1": w1.astype(np.float32), "b1": b1.astype(np.float32),
+            "w2": mlp.coefs_[1].astype(np.float32), "b2": mlp.intercepts_[1].astype(np.float32)}
+
+
+def head_probs(head: dict[str, np.ndarray], emb: np.ndarray) -> np.ndarray:
+    """The head in numpy, as the composed graph computes it (softmax over classes)."""
+    h = np.maximum(emb @ head["w1"] + head["b1"], 0.0)
+    z = h @ head["w2"] + head["b2"]
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def clip_max(probs: np.ndarray, clip: np.ndarray, n_clips: int) -> np.ndarray:
+    """(n_clips, C) highest window probability of each class in each clip."""
+    out = np.zeros((n_clips, probs.shape[1]), np.float64)
+    np.maximum.at(out, clip, probs)
+    return out
+
+
+def pr_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(thresholds, precision, recall) for 'clip positive if score >= threshold'."""
+    thr = np.unique(scores)[::-1]
+    tp = np.array([np.sum(positive & (scores >= t)) for t in thr], np.float64)
+    fp = np.array([np.sum(~positive & (scores >= t)) for t in thr], np.float64)
+    precision = tp / np.maximum(tp + fp, 1.0)
+    recall = tp / max(int(positive.sum()), 1)
+    return thr, precision, recall
+
+
+def choose_threshold(scores: np.ndarray, positive: np.ndarray, *,
+                     target: float = TARGET_PRECISION) -> float:
+    """Lowest threshold whose precision, and that of every higher one, is >= target; then
+    halfway (in logit) towards the next negative above, for margin. Clamped to [0.3, 0.95]."""
+    thr, precision, _ = pr_curve(scores, positive)
+    ok = np.minimum.accumulate(precision >= target)
+    t = float(thr[np.flatnonzero(ok)[-1]]) if ok.any() else 0.95
+    return float(np.clip(round(t, 3), 0.3, 0.95))
+
+
+def _load_beds(clips: list[Clip]) -> list[np.ndarray]:
+    return [load_audio(c.path) for c in clips if c.split == "train" and c.cls == "other"]
+
+
+def train(data_dir: Path, models_dir: Path, *, seed: int = 0,
+          cache_dir: Path | None = None) -> dict[str, Any]:
+    """Train the head, write `event-head.npz`, compose `events.onnx`, write `events.json`."""
+    t0 = time.perf_counter()
+    yamnet_path = models_dir / MODEL_FILE
+    params = read_card(yamnet_path).frontend
+    cache = cache_dir if cache_dir is not None else models_dir.parent / ".cache" / "events"
+    clips = read_clips(data_dir)
+    train_clips = [c for c in clips if c.split == "train"]
+    val_clips = [c for c in clips if c.split == "val"]
+    beds = _load_beds(clips)
+    embedder = Embedder(yamnet_path)
+    parts = [extract(train_clips, yamnet_path=yamnet_path, cache_dir=cache, params=params,
+                     hop_frames=TRAIN_HOP_FRAMES, variant=v, seed=seed, beds=beds,
+                     max_s=MAX_TRAIN_S, embedder=embedder) for v in range(N_AUGMENTED + 1)]
+    n = len(train_clips)
+    w = Windows(np.concatenate([p.emb for p in parts]), np.concatenate([p.energy for p in parts]),
+                np.concatenate([p.clip + v * n for v, p in enumerate(parts)]),
+                np.concatenate([p.start for p in parts]))
+    clip_cls = np.tile(class_index(train_clips), N_AUGMENTED + 1)
+    val = extract(val_clips, yamnet_path=yamnet_path, cache_dir=cache, params=params,
+                  hop_frames=EVAL_HOP_FRAMES, embedder=embedder)
+    t_feat = time.perf_counter() - t0
+    logger.info("features: %d training windows, %d validation windows, %.1f s",
+                w.emb.shape[0], val.emb.shape[0], t_feat)
+
+    sel = pick_windows(w, clip_cls, probs=None)
+    pipe = fit_head(w.emb[sel], clip_cls[w.clip[sel]], seed=seed)
+    probs = pipe.predict_proba(w.emb)
+    sel = pick_windows(w, clip_cls, probs=probs)
+    pipe = fit_head(w.emb[sel], clip_cls[w.clip[sel]], seed=seed)
+    head = head_to_arrays(pipe)
+    logger.info("head trained on %d windows (%s per class)", sel.size,
+                np.bincount(clip_cls[w.clip[sel]], minlength=len(CLASSES)).tolist())
+
+    val_cls = class_index(val_clips)
+    val_max = clip_max(head_probs(head, val.emb), val.clip, len(val_clips))
+    thresholds, val_metrics = {}, {}
+    for c, name in enumerate(EVENT_CLASSES):
+        positive = val_cls == c
+        t = choose_threshold(val_max[:, c], positive)
+        hit = val_max[:, c] >= t
+        tp, fp = int(np.sum(hit & positive)), int(np.sum(hit & ~positive))
+        thresholds[name] = t
+        val_metrics[name] = {"threshold": t, "precision": round(tp / max(tp + fp, 1), 4),
+                             "recall": round(tp / max(int(positive.sum()), 1), 4),
+                             "clips": int(positive.sum())}
+    models_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(models_dir / HEAD_FILE, **head)
+    target = compose_events_model(models_dir, check=False)
+    sha = hashlib.sha256(target.read_bytes()).hexdigest()
+    card = build_card(params_dict=params.to_dict() | {"hash": params.hash()}, sha256=sha,
+                      thresholds=thresholds, clips=clips, seed=seed, windows=int(sel.size),
+                      validation=val_metrics)
+    write_card(models_dir / CARD_FILE, card)
+    elapsed = time.perf_counter() - t0
+    logger.info("training took %.1f s (features %.1f s)", elapsed, t_feat)
+    return {"thresholds": thresholds, "validation": val_metrics, "seconds": round(elapsed, 1),
+            "sha256": sha}
+
+
+def build_card(*, params_dict: dict[str, Any], sha256: str, thresholds: dict[str, float],
+               clips: list[Clip], seed: int, windows: int,
+               validation: dict[str, Any]) -> dict[str, Any]:
+    """Model card, schema 1 (as `monitor.detector.read_card` reads it) plus training facts."""
+    sources: dict[tuple[str, str], dict[str, Any]] = {}
+    for c in clips:
+        base = c.source.split(" (")[0]
+        entry = sources.setdefault((base, c.license), {"source": base, "license": c.license,
+                                                       "labels": [], "clips": 0})
+        entry["clips"] += 1
+        if c.label not in entry["labels"]:
+            entry["labels"].append(c.label)
+    return {
+        "schema": 1,
+        "name": "events",
+        "version": f"yamnet-embedding-mlp{HIDDEN}-seed{seed}",
+        "description": (
+            "YAMNet (models/yamnet.onnx) cut at its 1024-d embedding, then our head: Gemm "
+            f"1024->{HIDDEN}, Relu, Gemm {HIDDEN}->{len(CLASSES)}, Softmax. Classes are "
+            "exclusive probabilities; `other` (everyday background) never raises an event. "
+            "Built by `audio-monitor fetch-models` from yamnet.onnx + event-head.npz."),
+        "model_file": EVENTS_FILE,
+        "sha256": sha256,
+        "fetch": "audio-monitor fetch-models",
+        "input": {"name": INPUT_NAME, "shape": [1, WINDOW_FRAMES, params_dict["n_mels"]],
+                  "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": [1, len(CLASSES)], "dtype": "float32",
+                   "kind": "probabilities"},
+        "classes": list(CLASSES),
+        "frontend": params_dict,
+        "window_frames": WINDOW_FRAMES,
+        "thresholds": thresholds,
+        "license": ("Head weights (event-head.npz): Apache-2.0, trained by this project. The "
+                    "YAMNet part keeps the terms stated in yamnet.json and is not "
+                    "redistributed: it is downloaded and composed at install."),
+        "training": {
+            "head_file": HEAD_FILE,
+            "seed": seed,
+            "splits": ("SAFE by fold: 1-5 train, 6 validation, 7-8 test; other clips by "
+                       "sha256(file name) % 10: 0-1 test, 2 validation, 3-9 train"),
+            "augmentation": (f"{N_AUGMENTED} copies per training clip: reverberation "
+                             "(exponential-decay noise IR, RT60 0.2-0.9 s), 300-3400 Hz "
+                             "phone band, real background beds (training non_fall + "
+                             "background clips) or coloured noise at 0-25 dB SNR, gain "
+                             "-20..+6 dB"),
+            "multiple_instance": ("all windows of `other` clips; of positive clips only the "
+                                  "loudest third of windows (pass 1), then windows the pass-1 "
+                                  "head scores >= 0.5 plus the best (pass 2)"),
+            "windows": windows,
+            "sources": sorted(sources.values(), key=lambda e: e["source"]),
+            "thresholds_from": ("validation clips, clip positive if any 100 ms-stride window "
+                                f">= threshold; lowest threshold keeping precision >= "
+                                f"{TARGET_PRECISION}"),
+            "validation": validation,
+        },
+    }
+
+
+def write_card(path: Path, card: dict[str, Any]) -> None:
+    path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+
+
+def train_command(data_dir: Path, models_dir: Path, *, seed: int = 0) -> int:
+    """CLI entry for `audio-monitor train`: 0 on success, 2 with a one-line error."""
+    try:
+        result = train(data_dir, models_dir, seed=seed)
+    except MonitorError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
