@@ -156,7 +156,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     from monitor.errors import MessageError
     from monitor.messages import SCHEMA_VERSION, decode
 
-    context = zmq.Context.instance()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     socket = context.socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)
     for topic in args.topic or [""]:

@@ -85,7 +85,7 @@ def run_demo(config: Config, *, audio: Path | None, fast: bool) -> int:
         endpoint = f"ipc://{folder}/demo.sock"
         config = replace(config, source=f"file:{path}",
                          publish=replace(config.publish, endpoint=endpoint))
-        context = zmq.Context.instance()
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sub = context.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         for topic in ("event.", "scores", "status"):

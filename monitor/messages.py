@@ -154,7 +154,7 @@ def decode(frames: list[bytes]) -> Message:
         raise MessageError(f"schema version {version!r} is not supported; expected "
                            f"{SCHEMA_VERSION}")
     kind = body.pop("type", None)
-    cls = _TYPES.get(kind)  # type: ignore[arg-type]
+    cls = _TYPES.get(kind)
     if cls is None:
         raise MessageError(f"unknown message type {kind!r}; expected one of {sorted(_TYPES)}")
     names = {f.name for f in dataclasses.fields(cls)}

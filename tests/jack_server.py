@@ -37,13 +37,18 @@ def require_jackd() -> str:
 
 
 class JackServer:
-    """One jackd process with the dummy driver; `start`/`kill` may be repeated (same name)."""
+    """One jackd process with the dummy driver; `start`/`stop` may be repeated (same name).
+
+    Use a fixed name per test: JACK's registry reclaims a dead server's slot
+    only for a server of the same name.
+    """
 
     def __init__(self, name: str, *, rate: int, period: int, log_dir: Path) -> None:
         self.name = name
         self.rate = rate
         self.period = period
         self.log_path = log_dir / f"jackd-{name}.log"
+        self.pid_path = log_dir / f"jackd-{name}.pid"
         self.proc: subprocess.Popen[bytes] | None = None
         self.env = dict(os.environ, JACK_NO_AUDIO_RESERVATION="1", JACK_DEFAULT_SERVER=name)
         self.env.pop("JACK_START_SERVER", None)
@@ -57,6 +62,7 @@ class JackServer:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
+        self.pid_path.write_text(str(self.proc.pid))
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -66,7 +72,7 @@ class JackServer:
                 return
             time.sleep(0.05)
         tail = self.log_path.read_text(errors="replace")[-400:]
-        self.kill()
+        self.stop()
         raise RuntimeError(f"jackd -n {self.name} did not become ready: {tail!r}")
 
     def pause(self) -> None:
@@ -79,26 +85,55 @@ class JackServer:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
 
-    def kill(self) -> None:
-        """Kill the server abruptly (SIGKILL), like a device vanishing."""
+    def stop(self) -> None:
+        """Make the server go away (SIGTERM, then SIGKILL after 5 s), like a device vanishing.
+
+        Clients see the same JACK shutdown either way; SIGTERM lets jackd remove
+        its entry from JACK's shared server registry (8 slots, only reclaimed by
+        a server of the same name) and its 100 MB shared-memory segment.
+        """
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)  # a paused server must not outlive the test
-            proc.kill()
-            proc.wait(timeout=10)
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # a paused server cannot handle SIGTERM
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        self.pid_path.unlink(missing_ok=True)
+
+
+def stop_stale(pid_path: Path) -> None:
+    """Stop a jackd left behind by a test child process that was killed (pid file written by
+    `JackServer.start`). jackd calls setsid(), so killing the child's process group misses it."""
+    try:
+        pid = int(pid_path.read_text())
+    except (OSError, ValueError):
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if b"jackd" in cmdline:
+        os.kill(pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGTERM)
+    pid_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def jack_server(
     name: str, *, rate: int = 16000, period: int = 160, log_dir: Path
 ) -> Iterator[JackServer]:
-    """Run a private jackd for the duration of the block; always killed at the end."""
+    """Run a private jackd for the duration of the block; always stopped at the end."""
     server = JackServer(name, rate=rate, period=period, log_dir=log_dir)
     server.start()
     try:
         yield server
     finally:
-        server.kill()
+        server.stop()
 
 
 @contextlib.contextmanager

@@ -83,7 +83,8 @@ def test_card_window_disagreeing_with_model_is_named(tiny_model: Path, tmp_path:
 def test_wrong_input_name(tiny_model: Path, tmp_path: Path) -> None:
     model = copy_model(tiny_model, tmp_path)
     edit_card(model, input={"name": "waveform", "shape": [1, 24, 64]})
-    with pytest.raises(ModelError, match=r"card names input 'waveform', the model has \['log_mel'\]"):
+    with pytest.raises(ModelError,
+                       match=r"card names input 'waveform', the model has \['log_mel'\]"):
         Detector(model)
 
 

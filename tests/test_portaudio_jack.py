@@ -21,16 +21,18 @@ import pytest
 import soundfile as sf
 
 try:
-    from tests.jack_server import JackServer, jack_server, portaudio_on, require_jackd
+    from tests.jack_server import JackServer, jack_server, portaudio_on, require_jackd, stop_stale
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
     from jack_server import (  # type: ignore[no-redef]
         JackServer,
         jack_server,
         portaudio_on,
         require_jackd,
+        stop_stale,
     )
 
-from monitor.sources import MicSource
+from monitor.errors import AudioDeviceError
+from monitor.sources import MicSource, list_input_devices
 
 RATE = 16000
 REPO = Path(__file__).resolve().parents[1]
@@ -89,8 +91,10 @@ def _normalised_xcorr(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 def test_capture_through_portaudio_jack_is_bit_exact(tmp_path: Path) -> None:
     clip = _reference_clip()
-    name = f"amtest{os.getpid()}"
-    with jack_server(name, rate=RATE, period=160, log_dir=tmp_path) as server, portaudio_on(server):
+    with (
+        jack_server("am-capture", rate=RATE, period=160, log_dir=tmp_path) as server,
+        portaudio_on(server),
+    ):
         mic = MicSource("system", sample_rate=RATE, channels=2, ring_seconds=2.0, block_ms=10)
         assert "JACK" in mic.description and mic.sample_rate == RATE and mic.channels == 2
         player = _Player(server.name, clip)
@@ -143,6 +147,53 @@ def test_capture_through_portaudio_jack_is_bit_exact(tmp_path: Path) -> None:
     assert mic.last_error is None
 
 
+def test_device_selection_with_real_devices(tmp_path: Path) -> None:
+    import jack
+
+    with jack_server("am-capture", rate=RATE, period=160, log_dir=tmp_path) as server:
+        # A second JACK client with capture ports becomes a second PortAudio input device.
+        other = jack.Client("am-mic2", servername=server.name, no_start_server=True)
+        other.outports.register("out_1")
+        other.activate()
+        try:
+            with portaudio_on(server):
+                devices = {d["name"]: d for d in list_input_devices()}
+                assert devices["system"]["hostapi"] == "JACK Audio Connection Kit"
+                assert devices["system"]["max_input_channels"] == 2
+                assert devices["system"]["default_samplerate"] == RATE
+                assert devices["am-mic2"]["max_input_channels"] == 1
+                index = devices["am-mic2"]["index"]
+
+                default = MicSource(None, ring_seconds=1.0, block_ms=10)
+                assert default.device_name == "system"  # PortAudio's default input
+                assert (default.sample_rate, default.channels) == (RATE, 2)  # device defaults
+                assert MicSource(index, ring_seconds=1.0, block_ms=10).device_name == "am-mic2"
+                assert MicSource(str(index), ring_seconds=1.0, block_ms=10).channels == 1
+                assert MicSource("MIC2", ring_seconds=1.0, block_ms=10).device_name == "am-mic2"
+                # Substrings in order over "name, host API", like sounddevice.
+                assert MicSource("sys jack", ring_seconds=1.0, block_ms=10).device_name == "system"
+
+                with pytest.raises(AudioDeviceError, match="ambiguous") as amb:
+                    MicSource("m", ring_seconds=1.0, block_ms=10)
+                assert "[0] system, JACK" in str(amb.value) and "am-mic2" in str(amb.value)
+                with pytest.raises(AudioDeviceError) as bad:
+                    MicSource("usb", ring_seconds=1.0, block_ms=10)
+                message = str(bad.value)
+                assert "'usb'" in message and "available inputs: [0] system, JACK" in message
+                assert "audio-monitor devices" in message and "\n" not in message
+                with pytest.raises(AudioDeviceError, match="has 2 input channels, asked for 3"):
+                    MicSource("system", channels=3, ring_seconds=1.0, block_ms=10)
+                # JACK runs at one rate: asking for another fails at start, in one line.
+                wrong_rate = MicSource("system", sample_rate=44100, ring_seconds=1.0, block_ms=10)
+                with pytest.raises(AudioDeviceError, match="44100 Hz") as rate_err:
+                    wrong_rate.start()
+                assert "\n" not in str(rate_err.value)
+                wrong_rate.stop()
+        finally:
+            other.deactivate()
+            other.close()
+
+
 # --- device failure and recovery ------------------------------------------------------------
 # These run in a child process: after a JACK server dies, PortAudio (19.6/19.7 JACK backend)
 # blocks up to 10 min in Pa_AbortStream/Pa_CloseStream/Pa_Terminate waiting for a process cycle
@@ -188,7 +239,7 @@ def _scenario_stall(server_name: str, log_dir: str) -> dict[str, object]:
             result["errors_final"] = mic.counters.errors
             mic.stop()
     finally:
-        server.kill()
+        server.stop()
     return result
 
 
@@ -204,7 +255,7 @@ def _scenario_kill(server_name: str, log_dir: str) -> dict[str, object]:
                             block_ms=10)
             mic.start()
             _wait_for(lambda: mic.counters.callbacks > 5)
-            server.kill()
+            server.stop()
             now = 1000.0
             slowest = 0.0
             deadline = time.monotonic() + 5.0
@@ -231,13 +282,13 @@ def _scenario_kill(server_name: str, log_dir: str) -> dict[str, object]:
             # Leaving portaudio_on would call Pa_Terminate, which hangs on the dead stream.
             _emit_and_exit(result, server)
     finally:
-        server.kill()
+        server.stop()
     return result
 
 
 def _emit_and_exit(result: dict[str, object], server: JackServer) -> None:
     print(json.dumps(result), flush=True)
-    server.kill()
+    server.stop()
     os._exit(0)  # skip sounddevice's atexit Pa_Terminate as well
 
 
@@ -251,15 +302,17 @@ def _run_scenario(name: str, tmp_path: Path, timeout: float = 90.0) -> dict[str,
     require_jackd()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
     env.setdefault("NUMBA_CACHE_DIR", "/tmp/numba-cache")
-    cmd = [sys.executable, str(Path(__file__)), name, f"am{name}{os.getpid()}", str(tmp_path)]
+    cmd = [sys.executable, str(Path(__file__)), name, f"am-{name}", str(tmp_path)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True, cwd=REPO)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)  # the child's own group: it and its jackd
+        os.killpg(proc.pid, 9)  # the child's own process group
         out, err = proc.communicate()
+        stop_stale(tmp_path / f"jackd-am-{name}.pid")
         pytest.fail(f"scenario {name} hung: {err.decode(errors='replace')[-2000:]}")
+    stop_stale(tmp_path / f"jackd-am-{name}.pid")
     lines = [ln for ln in out.decode().splitlines() if ln.startswith("{")]
     assert proc.returncode == 0 and lines, err.decode(errors="replace")[-3000:]
     result: dict[str, object] = json.loads(lines[-1])
