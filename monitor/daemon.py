@@ -56,6 +56,8 @@ class PublishingSink:
     def __init__(self, publisher: Publisher, *, sample_rate: int, top_k: int,
                  classes: tuple[str, ...], mel_bands: int, n_mels: int) -> None:
         self.publisher = publisher
+        self.thresholds: dict[str, float] = {}
+        """Event threshold per watched class, sent beside its score (set by the daemon)."""
         self.sample_rate = sample_rate
         self.top_k = top_k
         self.classes = classes
@@ -95,7 +97,8 @@ class PublishingSink:
             if scores.shape[0] > self.top_k else np.arange(scores.shape[0])
         best = best[np.argsort(scores[best])[::-1]]
         self.publisher.publish(Scores, t_audio_s=round(end / self.sample_rate, 4),
-                               top=[[self.classes[i], round(float(scores[i]), 4)] for i in best])
+                               top=[[self.classes[i], round(float(scores[i]), 4),
+                                     self.thresholds.get(self.classes[i])] for i in best])
 
     def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None:
         mel = np.add.reduceat(mel_frame, self._mel_edges) / np.diff(
@@ -124,6 +127,8 @@ class Daemon:
         self.processor = Processor(config, detector, in_rate=source.sample_rate,
                                    channels=source.channels, max_block=READ_BLOCK_FRAMES,
                                    sink=self.sink)
+        self.sink.thresholds = {name: rule.threshold
+                                for name, rule in self.processor.rules.items()}
         self._raw = np.zeros(READ_BLOCK_FRAMES * source.channels, dtype=np.float32)
         self._started = time.monotonic()
         self._samples_at_status = -1

@@ -92,7 +92,8 @@ class Scores:
     t_audio_s: float
     """Audio time at the end of the scored window."""
     top: list[list[Any]]
-    """[[class, score], ...] best first."""
+    """[[class, score, threshold], ...] best first; threshold is the class's event
+    threshold, or null for a class that raises no events."""
 
     @property
     def topic(self) -> str:

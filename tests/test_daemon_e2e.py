@@ -132,6 +132,8 @@ def test_real_time_file_through_the_daemon(recording: Path, config_file: Path,
 
     scores = of(messages, Scores)
     assert scores and all(len(s.top) == 2 for s in scores)
+    assert {(label, threshold) for label, _, threshold in scores[0].top} == {("loud", 0.5),
+                                                                          ("quiet", None)}
 
     events = of(messages, Event)
     assert [(e.label, e.phase) for e in events] == [("loud", "start"), ("loud", "end")]

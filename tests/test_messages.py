@@ -18,7 +18,7 @@ def samples() -> list[object]:
               offset_s=None, onset_time=1700000001.5, offset_time=None, peak_score=0.9,
               threshold=0.5),
         Level(**HEADER, t_audio_s=0.1, rms_dbfs=-40.0, peak_dbfs=-20.0, mel=[-3.0, -2.5]),
-        Scores(**HEADER, t_audio_s=0.96, top=[["Cough", 0.8], ["Speech", 0.1]]),
+        Scores(**HEADER, t_audio_s=0.96, top=[["Cough", 0.8, 0.4], ["Speech", 0.1, None]]),
         Status(**HEADER, state="running", source="mic:x", uptime_s=3.0, t_audio_s=2.9,
                counters={"frames": 290}, inference_ms_p50=1.2, inference_ms_max=2.0,
                dc_offset=0.0, last_error=None),

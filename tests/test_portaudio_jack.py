@@ -15,21 +15,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import soundfile as sf
-
-try:
-    from tests.jack_server import JackServer, jack_server, portaudio_on, require_jackd, stop_stale
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from jack_server import (  # type: ignore[no-redef]
-        JackServer,
-        jack_server,
-        portaudio_on,
-        require_jackd,
-        stop_stale,
-    )
+from jack_server import JackServer, jack_server, portaudio_on, require_jackd, stop_stale
 
 from monitor.errors import AudioDeviceError
 from monitor.sources import MicSource, list_input_devices
@@ -63,6 +54,11 @@ class _Player:
         self.client = jack.Client("am-player", servername=server_name, no_start_server=True)
         self.port = self.client.outports.register("out")
         self.client.set_process_callback(self._process)
+        self.xruns = 0  # xruns JACK reported to this client (any late client causes one)
+        self.client.set_xrun_callback(self._xrun)
+
+    def _xrun(self, delayed_usecs: float) -> None:
+        self.xruns += 1
 
     def _process(self, frames: int) -> None:
         buf = self.port.get_array()
@@ -142,7 +138,11 @@ def test_capture_through_portaudio_jack_is_bit_exact(tmp_path: Path) -> None:
     assert not np.any(left[:lag]) and not np.any(left[lag + clip.shape[0] :])
     assert left.shape[0] - lag - clip.shape[0] >= RATE // 4, "tail after the clip missing"
     assert not np.any(right)
-    assert mic.ring.overrun_samples == 0 and mic.counters.input_overflow == 0
+    assert mic.ring.overrun_samples == 0
+    # PortAudio's JACK backend flags input overflow once per JACK xrun (on a loaded machine
+    # a late client, e.g. this Python player, can cause one without losing our samples, as the
+    # bit-exact check shows). Every flag must be explained by an xrun JACK reported.
+    assert mic.counters.input_overflow <= player.xruns, (mic.counters, player.xruns)
     assert mic.counters.callbacks > 0 and mic.counters.errors == 0
     assert mic.last_error is None
 
@@ -201,11 +201,11 @@ def test_device_selection_with_real_devices(tmp_path: Path) -> None:
 # observations as JSON and leaves with os._exit; the test asserts on them.
 
 
-def _scenario_stall(server_name: str, log_dir: str) -> dict[str, object]:
+def _scenario_stall(server_name: str, log_dir: str) -> dict[str, Any]:
     """Freeze jackd (SIGSTOP): poll() sees no callbacks, closes, and reopens after SIGCONT."""
     server = JackServer(server_name, rate=RATE, period=160, log_dir=Path(log_dir))
     server.start()
-    result: dict[str, object] = {}
+    result: dict[str, Any] = {}
     try:
         with portaudio_on(server):
             mic = MicSource("system", sample_rate=RATE, channels=2, ring_seconds=4.0,
@@ -243,12 +243,12 @@ def _scenario_stall(server_name: str, log_dir: str) -> dict[str, object]:
     return result
 
 
-def _scenario_kill(server_name: str, log_dir: str) -> dict[str, object]:
+def _scenario_kill(server_name: str, log_dir: str) -> dict[str, Any]:
     """Kill jackd: poll() must not raise or block, must report, and must not re-init PortAudio
     while PortAudio still holds the dead stream; then jackd is restarted."""
     server = JackServer(server_name, rate=RATE, period=160, log_dir=Path(log_dir))
     server.start()
-    result: dict[str, object] = {}
+    result: dict[str, Any] = {}
     try:
         with portaudio_on(server):
             mic = MicSource("system", sample_rate=RATE, channels=2, ring_seconds=4.0,
@@ -286,7 +286,7 @@ def _scenario_kill(server_name: str, log_dir: str) -> dict[str, object]:
     return result
 
 
-def _emit_and_exit(result: dict[str, object], server: JackServer) -> None:
+def _emit_and_exit(result: dict[str, Any], server: JackServer) -> None:
     print(json.dumps(result), flush=True)
     server.stop()
     os._exit(0)  # skip sounddevice's atexit Pa_Terminate as well
@@ -298,7 +298,7 @@ def _wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def _run_scenario(name: str, tmp_path: Path, timeout: float = 90.0) -> dict[str, object]:
+def _run_scenario(name: str, tmp_path: Path, timeout: float = 90.0) -> dict[str, Any]:
     require_jackd()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
     env.setdefault("NUMBA_CACHE_DIR", "/tmp/numba-cache")
@@ -315,7 +315,7 @@ def _run_scenario(name: str, tmp_path: Path, timeout: float = 90.0) -> dict[str,
     stop_stale(tmp_path / f"jackd-am-{name}.pid")
     lines = [ln for ln in out.decode().splitlines() if ln.startswith("{")]
     assert proc.returncode == 0 and lines, err.decode(errors="replace")[-3000:]
-    result: dict[str, object] = json.loads(lines[-1])
+    result: dict[str, Any] = json.loads(lines[-1])
     return result
 
 
