@@ -12,8 +12,7 @@ from monitor.config import Config
 from monitor.detector import Detector
 from monitor.errors import SourceError
 from monitor.events import Transition
-from monitor.levels import LevelMeter
-from monitor.processor import Processor
+from monitor.processor import NullSink, Processor
 
 BLOCK_FRAMES = 4096
 
@@ -33,7 +32,7 @@ class FileEvent:
                 "end_s": self.end_s, "score": self.score}
 
 
-class _CollectingSink:
+class _CollectingSink(NullSink):
     def __init__(self, file: str, sample_rate: int) -> None:
         self.file = file
         self.sample_rate = sample_rate
@@ -47,12 +46,6 @@ class _CollectingSink:
             start_s=round(transition.onset / self.sample_rate, 4),
             end_s=round(transition.offset / self.sample_rate, 4),
             score=round(transition.peak_score, 4)))
-
-    def on_scores(self, end: int, scores: np.ndarray) -> None:
-        pass
-
-    def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None:
-        pass
 
 
 def analyze_file(path: Path, *, config: Config,

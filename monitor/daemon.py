@@ -130,6 +130,7 @@ class Daemon:
         self.sink.thresholds = {name: rule.threshold
                                 for name, rule in self.processor.rules.items()}
         self._raw = np.zeros(READ_BLOCK_FRAMES * source.channels, dtype=np.float32)
+        self.processor.warm_up()
         self._started = time.monotonic()
         self._samples_at_status = -1
 

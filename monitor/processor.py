@@ -115,6 +115,19 @@ def _first(*values: float | None) -> float:
     raise ValueError("no value")
 
 
+class NullSink:
+    """A sink that ignores everything (warm-up; base for sinks that need only part)."""
+
+    def on_transition(self, transition: Transition) -> None:
+        pass
+
+    def on_scores(self, end: int, scores: np.ndarray) -> None:
+        pass
+
+    def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None:
+        pass
+
+
 class Processor:
     """Turns blocks of interleaved device audio into scores, levels and event transitions."""
 
@@ -189,6 +202,23 @@ class Processor:
         self.sink.on_scores(end, scores)
         for transition in self.events.update(scores, end):
             self.sink.on_transition(transition)
+
+    def warm_up(self) -> None:
+        """Compile every Numba kernel and run the model once, then forget it all, so the
+        first real audio is not late (cold JIT takes seconds)."""
+        sink, self.sink = self.sink, NullSink()
+        try:
+            self.process(np.zeros(self.channels * self.resampler.in_rate, dtype=np.float32))
+        finally:
+            self.sink = sink
+        self.frontend.reset()
+        self.resampler.reset()
+        self.detector.reset()
+        self.events.reset()
+        self.meter = LevelMeter()
+        self.samples = self.frames = self.windows = 0
+        self._level_filled = 0
+        self._inference_count = 0
 
     def finish(self) -> None:
         """The stream ended: close active events."""

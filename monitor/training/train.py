@@ -47,8 +47,8 @@ OTHER = CLASSES.index("other")
 def pick_windows(w: Windows, clip_cls: np.ndarray, *, probs: np.ndarray | None) -> np.ndarray:
     """Indices of training windows: all of `other` clips, the event windows of the others.
 
-    probs None: the loudest third of each positive clip's windows (at least one); else those
-    whose own-class probability is >= 0.5, and always the best one.
+    The loudest third of each positive clip's windows (at least one), or with `probs` the
+    third that a first-pass head scores highest for the clip's class.
     """
     keep = np.zeros(w.clip.shape[0], bool)
     cls = clip_cls[w.clip]
@@ -60,13 +60,9 @@ def pick_windows(w: Windows, clip_cls: np.ndarray, *, probs: np.ndarray | None) 
         c = cls[idx[0]]
         if c == OTHER:
             continue
-        if probs is None:
-            k = max(1, round(len(idx) / 3))
-            keep[idx[np.argsort(-w.energy[idx], kind="stable")[:k]]] = True
-        else:
-            p = probs[idx, c]
-            keep[idx[p >= 0.5]] = True
-            keep[idx[int(np.argmax(p))]] = True
+        rank = w.energy[idx] if probs is None else probs[idx, c]
+        k = max(1, round(len(idx) / 3))
+        keep[idx[np.argsort(-rank, kind="stable")[:k]]] = True
     return np.flatnonzero(keep)
 
 
@@ -126,12 +122,14 @@ def pr_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, ...]
 
 def choose_threshold(scores: np.ndarray, positive: np.ndarray, *,
                      target: float = TARGET_PRECISION) -> float:
-    """Lowest threshold whose precision, and that of every higher one, is >= target; then
-    halfway (in logit) towards the next negative above, for margin. Clamped to [0.3, 0.95]."""
-    thr, precision, _ = pr_curve(scores, positive)
-    ok = np.minimum.accumulate(precision >= target)
-    t = float(thr[np.flatnonzero(ok)[-1]]) if ok.any() else 0.95
-    return float(np.clip(round(t, 3), 0.3, 0.95))
+    """The threshold of highest recall whose precision is >= target (ties: the higher one),
+    clamped to [0.3, 0.999]; 0.999 when no threshold reaches the target."""
+    thr, precision, recall = pr_curve(scores, positive)
+    ok = np.flatnonzero(precision >= target)
+    if ok.size == 0:
+        return 0.999
+    best = ok[recall[ok] == recall[ok].max()][0]
+    return float(np.clip(np.floor(thr[best] * 1000.0) / 1000.0, 0.3, 0.999))
 
 
 def _load_beds(clips: list[Clip]) -> list[np.ndarray]:
