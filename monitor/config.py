@@ -108,6 +108,24 @@ class PublishConfig:
 
 
 @dataclass(frozen=True)
+class MachineConfig:
+    """Anomaly watch of one machine, scored against its learned baseline."""
+
+    threshold_scale: float = field(default=1.0, metadata=_range(0.1, 10.0))
+    """Multiplies the learned alarm threshold (above 1: fewer alarms)."""
+    min_duration_ms: float = field(default=2000.0, metadata=_range(0, 3600000))
+    """The score must stay above threshold this long before `event.machine_fault`."""
+    refractory_ms: float = field(default=30000.0, metadata=_range(0, 86400000))
+    """After a fault event ends, the same machine stays quiet for this long."""
+    publish_hz: float = field(default=4.0, metadata=_range(0.1, 50))
+    """`anomaly.<machine>` health messages per second of audio."""
+    smoothing_ms: float = field(default=1000.0, metadata=_range(0, 60000))
+    """Time constant of the published (smoothed) health score."""
+    min_level_dbfs: float | None = field(default=None, metadata=_range(-120, 0))
+    """Below this level the machine counts as off: no score, no alarm. Null: learned."""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole daemon configuration."""
 
@@ -122,6 +140,10 @@ class Config:
     model: ModelConfig = ModelConfig()
     events: EventsConfig = EventsConfig()
     publish: PublishConfig = PublishConfig()
+    state_dir: Path = Path("~/.local/state/audio-monitor")
+    """Where learned machine baselines (and later the event journal) live."""
+    machines: dict[str, MachineConfig] = field(default_factory=dict)
+    """Machines to watch for faults, by the name given to `audio-monitor learn --machine`."""
 
 
 def load_config(path: Path | None, *, overrides: dict[str, Any] | None = None) -> Config:
@@ -155,7 +177,10 @@ def load_config(path: Path | None, *, overrides: dict[str, Any] | None = None) -
     config = _build(Config, data, "")
     _check_cross_fields(config)
     model_path = config.model.path if config.model.path.is_absolute() else base / config.model.path
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, path=model_path))
+    state_dir = config.state_dir.expanduser()
+    state_dir = state_dir if state_dir.is_absolute() else base / state_dir
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, path=model_path),
+                               state_dir=state_dir)
 
 
 def _check_cross_fields(config: Config) -> None:
@@ -166,6 +191,10 @@ def _check_cross_fields(config: Config) -> None:
     if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
         raise ConfigError(f"publish.endpoint: {endpoint!r} is not a ZeroMQ endpoint; use "
                           "tcp://HOST:PORT or ipc:///path")
+    for name in config.machines:
+        if not SENSOR_ID_PATTERN.match(name):
+            raise ConfigError(f"machines.{name}: machine names use letters, digits and _.- "
+                              "(up to 64)")
     rules = {"events.default": config.events.default}
     rules.update({f"events.classes.{name}": rule for name, rule in config.events.classes.items()})
     for where, rule in rules.items():
@@ -226,7 +255,7 @@ def _convert(tp: Any, value: Any, where: str, meta: typing.Mapping[str, Any]) ->
         _, value_type = typing.get_args(tp)
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of class name to rule, got {value!r}")
-        return {str(k): _convert(value_type, v or {}, f"{where}.{k}", {})
+        return {str(k): _convert(value_type, {} if v is None else v, f"{where}.{k}", {})
                 for k, v in value.items()}
     if value is None:
         raise ConfigError(f"{where}: must not be null; expected {_type_name(tp)}")

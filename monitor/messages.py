@@ -53,10 +53,33 @@ class Event:
     peak_score: float
     """Highest score so far, 0..1."""
     threshold: float
+    machine: str | None = None
+    """For `machine_fault` events: the machine's name; null for sound events."""
 
     @property
     def topic(self) -> str:
         return f"event.{class_slug(self.label)}"
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    """Health of one watched machine, a few times per second of audio."""
+
+    TYPE: ClassVar[str] = "anomaly"
+    sensor_id: str
+    seq: int
+    ts: float
+    machine: str
+    t_audio_s: float
+    score: float
+    """Smoothed anomaly score; the alarm fires above `threshold` (same units)."""
+    threshold: float
+    running: bool
+    """False while the machine is judged off or idle (level gate): no alarm then."""
+
+    @property
+    def topic(self) -> str:
+        return f"anomaly.{class_slug(self.machine)}"
 
 
 @dataclass(frozen=True)
@@ -129,8 +152,8 @@ class Status:
         return "status"
 
 
-Message = Event | Level | Scores | Status
-_TYPES: dict[str, type] = {cls.TYPE: cls for cls in (Event, Level, Scores, Status)}
+Message = Event | Level | Scores | Status | Anomaly
+_TYPES: dict[str, type] = {cls.TYPE: cls for cls in (Event, Level, Scores, Status, Anomaly)}
 
 
 def encode(message: Message) -> list[bytes]:
@@ -159,8 +182,10 @@ def decode(frames: list[bytes]) -> Message:
     if cls is None:
         raise MessageError(f"unknown message type {kind!r}; expected one of {sorted(_TYPES)}")
     names = {f.name for f in dataclasses.fields(cls)}
-    if set(body) != names:
-        missing, extra = sorted(names - set(body)), sorted(set(body) - names)
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    if not required <= set(body) <= names:
+        missing, extra = sorted(required - set(body)), sorted(set(body) - names)
         raise MessageError(f"{kind} message fields differ: missing {missing}, unexpected {extra}")
     message: Message = cls(**body)
     if frames[0] != message.topic.encode("ascii"):

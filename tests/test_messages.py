@@ -7,7 +7,7 @@ import json
 import pytest
 
 from monitor.errors import MessageError
-from monitor.messages import Event, Level, Scores, Status, class_slug, decode, encode
+from monitor.messages import Anomaly, Event, Level, Scores, Status, class_slug, decode, encode
 
 HEADER = {"sensor_id": "room-101", "seq": 7, "ts": 1700000000.25}
 
@@ -22,6 +22,11 @@ def samples() -> list[object]:
         Status(**HEADER, state="running", source="mic:x", uptime_s=3.0, t_audio_s=2.9,
                counters={"frames": 290}, inference_ms_p50=1.2, inference_ms_max=2.0,
                dc_offset=0.0, last_error=None),
+        Anomaly(**HEADER, machine="pump-1", t_audio_s=3.0, score=1.7, threshold=2.5,
+                running=True),
+        Event(**HEADER, event_id="x-mf-1", label="machine_fault", phase="end", onset_s=1.0,
+              offset_s=9.0, onset_time=1.0, offset_time=9.0, peak_score=4.0, threshold=2.5,
+              machine="pump-1"),
     ]
 
 
@@ -40,7 +45,8 @@ def test_event_topic_is_a_prefix_friendly_slug() -> None:
 
 def test_raw_audio_never_fits_the_contract() -> None:
     # No message type has a field that could carry samples except the coarse level spectrum.
-    fields = {f for cls in (Event, Level, Scores, Status) for f in cls.__dataclass_fields__}
+    fields = {f for cls in (Event, Level, Scores, Status, Anomaly)
+              for f in cls.__dataclass_fields__}
     assert not fields & {"audio", "samples", "pcm", "data"}
 
 

@@ -98,43 +98,54 @@ def embedding_model_bytes(yamnet_path: Path, *, batched: bool = True) -> bytes:
 
 
 def head_arrays(head_path: Path) -> dict[str, np.ndarray]:
-    """The committed head: `w1` (1024, H), `b1` (H,), `w2` (H, C), `b2` (C,), float32; input
-    standardisation is already folded into `w1`/`b1`."""
+    """The committed head, float32: `w1` (1024, K), `b1` (K,), and optionally a second layer
+    `w2` (K, C), `b2` (C,) after a Relu. Input standardisation is folded into `w1`/`b1`."""
     try:
         with np.load(head_path) as z:
             arrays = {k: np.ascontiguousarray(z[k], dtype=np.float32)
-                      for k in ("w1", "b1", "w2", "b2")}
-    except (OSError, KeyError, ValueError) as err:
+                      for k in ("w1", "b1", "w2", "b2") if k in z.files}
+    except (OSError, ValueError) as err:
         raise ModelError(f"cannot read the event head {head_path}: {err}; it is committed in "
                          "models/ or made by `audio-monitor train`") from err
-    w1, b1, w2, b2 = arrays["w1"], arrays["b1"], arrays["w2"], arrays["b2"]
-    if w1.shape[0] != EMBEDDING_DIM or b1.shape != (w1.shape[1],) or w2.shape[0] != w1.shape[1] \
-            or b2.shape != (w2.shape[1],):
-        raise ModelError(f"event head {head_path} has shapes w1 {w1.shape} b1 {b1.shape} "
-                         f"w2 {w2.shape} b2 {b2.shape}; expected (1024,H) (H,) (H,C) (C,)")
+    shapes = {k: v.shape for k, v in arrays.items()}
+    w1, b1 = arrays.get("w1"), arrays.get("b1")
+    ok = w1 is not None and b1 is not None and w1.ndim == 2 and w1.shape[0] == EMBEDDING_DIM \
+        and b1.shape == (w1.shape[1],)
+    if ok and w1 is not None and ("w2" in arrays or "b2" in arrays):
+        w2, b2 = arrays.get("w2"), arrays.get("b2")
+        ok = w2 is not None and b2 is not None and w2.ndim == 2 \
+            and w2.shape[0] == w1.shape[1] and b2.shape == (w2.shape[1],)
+    if not ok:
+        raise ModelError(f"event head {head_path} has arrays {shapes}; expected w1 (1024, K), "
+                         "b1 (K,) and optionally w2 (K, C), b2 (C,)")
     return arrays
 
 
 def events_model_bytes(yamnet_path: Path, head: dict[str, np.ndarray]) -> bytes:
-    """`log_mel` [1, 96, 64] -> YAMNet embedding -> Gemm, Relu, Gemm, Softmax -> `scores`
-    [1, C]; serialised deterministically (same bytes for the same inputs and onnx version)."""
+    """`log_mel` [1, 96, 64] -> YAMNet embedding -> Gemm [-> Relu -> Gemm] -> Softmax ->
+    `scores` [1, C]; serialised deterministically (same bytes for the same inputs and onnx)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     model = _load(yamnet_path)
     _cut_at_embedding(model)
     g = model.graph
-    n_classes = int(head["w2"].shape[1])
-    for name in ("w1", "b1", "w2", "b2"):
-        g.initializer.append(numpy_helper.from_array(head[name], f"head.{name}"))
-    g.node.extend([
-        helper.make_node("Gemm", [EMBEDDING_TENSOR, "head.w1", "head.b1"], ["head.hidden_pre"],
-                         name="head_fc1"),
-        helper.make_node("Relu", ["head.hidden_pre"], ["head.hidden"], name="head_relu"),
-        helper.make_node("Gemm", ["head.hidden", "head.w2", "head.b2"], ["head.logits"],
-                         name="head_fc2"),
-        helper.make_node("Softmax", ["head.logits"], [OUTPUT_NAME], axis=-1, name="head_softmax"),
-    ])
+    layers = ["1", "2"] if "w2" in head else ["1"]
+    last = EMBEDDING_TENSOR
+    for i, layer in enumerate(layers):
+        w, b = f"head.w{layer}", f"head.b{layer}"
+        g.initializer.append(numpy_helper.from_array(head[f"w{layer}"], w))
+        g.initializer.append(numpy_helper.from_array(head[f"b{layer}"], b))
+        g.node.append(helper.make_node("Gemm", [last, w, b], [f"head.fc{layer}"],
+                                       name=f"head_fc{layer}"))
+        last = f"head.fc{layer}"
+        if i < len(layers) - 1:
+            g.node.append(helper.make_node("Relu", [last], [f"head.relu{layer}"],
+                                           name=f"head_relu{layer}"))
+            last = f"head.relu{layer}"
+    n_classes = int(head[f"w{layers[-1]}"].shape[1])
+    g.node.append(helper.make_node("Softmax", [last], [OUTPUT_NAME], axis=-1,
+                                   name="head_softmax"))
     g.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [1, n_classes]))
     g.name = "yamnet_embedding_event_head"
     model.producer_name, model.producer_version = _PRODUCER
