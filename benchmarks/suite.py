@@ -1,0 +1,366 @@
+"""The benchmark suite behind `python -m benchmarks [--quick] [--json PATH]`.
+
+Every comparison is a ratio against a peer measured in the same run (same process
+where possible), on real recordings from ../shared/data. Prints a table and writes
+JSON. Nothing here asserts a time: these machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+from benchmarks.bench_frontend import librosa_hop_us, numpy_hop_us
+from monitor.frontend import Frontend, FrontendParams, bench_hop_us, logmel_of
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("AUDIO_MONITOR_DATA", REPO.parent / "shared" / "data"))
+CACHE = REPO / ".cache" / "bench"
+RATE = 16000
+
+
+def long_recording(minutes: float) -> Path:
+    """Real recordings (coughs, falls, everyday sounds) joined into one long 16 kHz file."""
+    target = CACHE / f"long-{minutes:g}min.flac"
+    if target.is_file():
+        return target
+    files = sorted((DATA / "safe").rglob("*.flac")) + sorted((DATA / "cough").glob("*.flac"))
+    if not files:
+        raise SystemExit(f"benchmarks need real recordings in {DATA} (set AUDIO_MONITOR_DATA)")
+    need = int(minutes * 60 * RATE)
+    pieces, total = [], 0
+    for i in range(len(files) * 10):
+        audio, rate = sf.read(str(files[(i * 37) % len(files)]), dtype="float32")
+        if rate != RATE:
+            continue
+        pieces.append(audio if audio.ndim == 1 else audio.mean(axis=1))
+        total += pieces[-1].shape[0]
+        if total >= need:
+            break
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sf.write(str(target), np.concatenate(pieces)[:need], RATE, subtype="PCM_16")
+    return target
+
+
+def percentiles(values: list[float] | np.ndarray) -> dict[str, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)),
+            "max": float(arr.max())}
+
+
+# --- front end ---------------------------------------------------------------------------
+
+
+def bench_frontend_hop(quick: bool) -> dict[str, Any]:
+    params = FrontendParams()
+    n = 500 if quick else 2000
+    ours = min(bench_hop_us(params, n=n) for _ in range(3))
+    npy = min(numpy_hop_us(params, n=n) for _ in range(3))
+    lib = min(librosa_hop_us(params, n=n // 4) for _ in range(3))
+    frontend = Frontend(params)
+    hop = np.random.default_rng(0).standard_normal(params.hop_length).astype(np.float32)
+    out = np.zeros((frontend.max_frames(hop.shape[0]), params.n_mels), dtype=np.float32)
+    for _ in range(200):
+        frontend.process(hop, out)
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for _ in range(1000):
+        frontend.process(hop, out)
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    return {"ours_us": ours, "numpy_us": npy, "librosa_us": lib,
+            "numpy_over_ours": npy / ours, "librosa_over_ours": lib / ours,
+            "bytes_retained_per_1000_hops": int(grown)}
+
+
+def bench_frontend_offline(audio: np.ndarray) -> dict[str, Any]:
+    import librosa
+
+    params = FrontendParams()
+    seconds = audio.shape[0] / RATE
+    logmel_of(audio[:RATE], params)  # compile
+    t0 = time.perf_counter()
+    logmel_of(audio, params)
+    ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mel = librosa.feature.melspectrogram(
+        y=audio, sr=RATE, n_fft=params.n_fft, hop_length=params.hop_length,
+        win_length=params.win_length, center=False, power=1.0, n_mels=params.n_mels,
+        fmin=params.fmin_hz, fmax=params.fmax_hz, htk=True, norm=None)
+    np.log(mel + params.log_offset)
+    lib = time.perf_counter() - t0
+    return {"audio_s": seconds, "ours_x_realtime": seconds / ours,
+            "librosa_x_realtime": seconds / lib, "ours_over_librosa": lib / ours}
+
+
+# --- detector ----------------------------------------------------------------------------
+
+
+def bench_inference(quick: bool) -> dict[str, Any]:
+    from monitor.detector import Detector
+
+    results: dict[str, Any] = {}
+    for name in ("events", "yamnet"):
+        path = REPO / "models" / f"{name}.onnx"
+        if not path.is_file():
+            continue
+        detector = Detector(path, threads=1)
+        rng = np.random.default_rng(0)
+        for frame in rng.normal(-3.0, 1.5, (detector.window_frames, 64)).astype(np.float32):
+            detector.push(frame)
+        for _ in range(20):
+            detector.score()
+        times = []
+        for _ in range(100 if quick else 500):
+            t0 = time.perf_counter()
+            detector.score()
+            times.append((time.perf_counter() - t0) * 1000.0)
+        results[name] = {f"{k}_ms": v for k, v in percentiles(times).items()}
+    return results
+
+
+# --- analyze throughput ------------------------------------------------------------------
+
+
+def bench_analyze(path: Path) -> dict[str, Any]:
+    """`analyze` (our chain) against the same chain written with librosa + the same model."""
+    import librosa
+    import onnxruntime as ort
+
+    from monitor.analyze import analyze_file
+    from monitor.config import load_config
+    from monitor.detector import Detector
+
+    model = REPO / "models" / ("events.onnx" if (REPO / "models" / "events.onnx").is_file()
+                               else "yamnet.onnx")
+    config = load_config(None, overrides={"model.path": str(model)})
+    detector = Detector(model, threads=1)
+    seconds = sf.info(str(path)).duration
+    analyze_file(path, config=config, detector=detector)  # warm
+    t0 = time.perf_counter()
+    analyze_file(path, config=config, detector=detector)
+    ours = time.perf_counter() - t0
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    card = detector.card
+    t0 = time.perf_counter()
+    audio, _ = librosa.load(str(path), sr=RATE, mono=True)
+    mel = librosa.feature.melspectrogram(
+        y=audio, sr=RATE, n_fft=512, hop_length=160, win_length=400, center=False, power=1.0,
+        n_mels=64, fmin=125.0, fmax=7500.0, htk=True, norm=None)
+    logmel = np.log(mel + 0.001).T.astype(np.float32)
+    for start in range(0, logmel.shape[0] - card.window_frames + 1, 10):
+        session.run(None, {card.input_name: logmel[None, start:start + card.window_frames]})
+    lib = time.perf_counter() - t0
+    return {"audio_s": seconds, "model": model.name, "ours_x_realtime": seconds / ours,
+            "librosa_x_realtime": seconds / lib, "ours_over_librosa": lib / ours}
+
+
+# --- end to end latency ------------------------------------------------------------------
+
+
+def _subscribe(endpoint: str, count: int, queue: Any) -> None:
+    import zmq
+
+    from monitor.messages import Scores, decode
+
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt_string(zmq.SUBSCRIBE, "scores")
+    sub.connect(endpoint)
+    queue.put("ready")
+    arrivals = []
+    while len(arrivals) < count and sub.poll(5000):
+        message = decode(sub.recv_multipart())
+        arrived = time.perf_counter()
+        if isinstance(message, Scores):
+            arrivals.append((message.t_audio_s, arrived))
+    queue.put(arrivals)
+
+
+def bench_latency(path: Path, seconds: float) -> dict[str, Any]:
+    """Last sample of a window entering the ring -> its `scores` message at a subscriber
+    process. perf_counter is CLOCK_MONOTONIC, shared by both processes on Linux."""
+    from monitor.config import load_config
+    from monitor.daemon import Daemon
+    from monitor.detector import Detector
+    from monitor.publisher import Publisher
+    from monitor.sources import Source
+
+    audio, _ = sf.read(str(path), dtype="float32", frames=int(seconds * RATE))
+    block = RATE // 100
+
+    class PacedSource(Source):
+        """Writes 10 ms blocks at real-time pace, noting when each entered the ring."""
+
+        def __init__(self) -> None:
+            super().__init__(sample_rate=RATE, channels=1, ring_seconds=4.0,
+                             description="bench")
+            self.written_at = np.zeros(audio.shape[0] // block + 1)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="bench-source")
+
+        def start(self) -> None:
+            self._thread.start()
+
+        def stop(self) -> None:
+            self._stop.set()
+            self._thread.join(2)
+
+        def _run(self) -> None:
+            t0 = time.perf_counter()
+            for i in range(audio.shape[0] // block):
+                delay = t0 + (i + 1) * block / RATE - time.perf_counter()
+                if delay > 0 and self._stop.wait(delay):
+                    break
+                self.ring.write(audio[i * block:(i + 1) * block])
+                self.written_at[i] = time.perf_counter()
+            self._exhausted = True
+
+    model = REPO / "models" / ("events.onnx" if (REPO / "models" / "events.onnx").is_file()
+                               else "yamnet.onnx")
+    with tempfile.TemporaryDirectory() as folder:
+        endpoint = f"ipc://{folder}/bench.sock"
+        config = load_config(None, overrides={"model.path": str(model), "model.top_k": 3})
+        detector = Detector(model, threads=1)
+        source = PacedSource()
+        publisher = Publisher(endpoint, sensor_id="bench", send_hwm=10000)
+        daemon = Daemon(config, source=source, detector=detector, publisher=publisher)
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        expected = int((seconds - 0.96) * 10)
+        proc = ctx.Process(target=_subscribe, args=(endpoint, expected, queue))
+        proc.start()
+        queue.get(timeout=30)
+        publisher.wait_for_subscriber(10)
+        daemon.run(threading.Event())
+        arrivals = queue.get(timeout=30)
+        proc.join(10)
+        publisher.close()
+    latencies = []
+    for t_audio, arrived in arrivals:
+        last_sample = round(t_audio * RATE) - 1
+        latencies.append((arrived - source.written_at[last_sample // block]) * 1000.0)
+    return {"windows": len(latencies), **{f"{k}_ms": v for k, v in
+                                          percentiles(latencies).items()},
+            "note": "compute only; the window's look-ahead (it ends at its newest sample) is 0"}
+
+
+# --- resources ---------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[float, int]:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    with open(f"/proc/{pid}/status") as handle:
+        rss = next(int(line.split()[1]) for line in handle if line.startswith("VmRSS"))
+    return cpu, rss
+
+
+def bench_resources(path: Path, seconds: float) -> dict[str, Any]:
+    """CPU % of one core and RSS of the real daemon at real time; start-up to first status."""
+    import zmq
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for label, cache in (("cold", f"{folder}/numba-cold"),
+                             ("warm", str(REPO / ".cache" / "numba"))):
+            endpoint = f"ipc://{folder}/{label}.sock"
+            sub = zmq.Context.instance().socket(zmq.SUB)
+            sub.setsockopt_string(zmq.SUBSCRIBE, "status")
+            sub.setsockopt(zmq.RECONNECT_IVL, 10)
+            sub.connect(endpoint)
+            env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+            started = time.perf_counter()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "monitor", "run", "--source", f"file:{path}",
+                 "--publish", endpoint, "--config", str(REPO / "config.yaml")],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ready = sub.poll(120000)
+            startup = time.perf_counter() - started
+            results[f"startup_{label}_s"] = startup if ready else None
+            if label == "warm" and ready:
+                cpu0, _ = _proc_stat(proc.pid)
+                wall0 = time.perf_counter()
+                time.sleep(seconds)
+                cpu1, rss = _proc_stat(proc.pid)
+                results["cpu_percent_of_one_core"] = 100.0 * (cpu1 - cpu0) / (
+                    time.perf_counter() - wall0)
+                results["rss_mb"] = rss / 1024.0
+            proc.terminate()
+            proc.wait(10)
+            sub.close()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("--quick", action="store_true", help="short version for CI")
+    parser.add_argument("--json", type=Path, default=REPO / ".cache" / "bench" / "results.json")
+    args = parser.parse_args()
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / ".cache" / "numba"))
+    minutes = 1.0 if args.quick else 10.0
+    path = long_recording(minutes)
+    audio, _ = sf.read(str(path), dtype="float32")
+    results: dict[str, Any] = {
+        "machine": {"cpu": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(), "python": platform.python_version()},
+        "frontend_hop": bench_frontend_hop(args.quick),
+        "frontend_offline": bench_frontend_offline(audio),
+        "inference_1_thread": bench_inference(args.quick),
+        "analyze": bench_analyze(path),
+        "end_to_end_latency": bench_latency(path, 10.0 if args.quick else 60.0),
+        "resources_realtime": bench_resources(path, 5.0 if args.quick else 30.0),
+    }
+    print(render(results))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1))
+    print(f"\nwritten {args.json}")
+    return 0
+
+
+def render(r: dict[str, Any]) -> str:
+    fh, fo, an = r["frontend_hop"], r["frontend_offline"], r["analyze"]
+    lat, res = r["end_to_end_latency"], r["resources_realtime"]
+    rows = [
+        ("front end, one 10 ms hop", f"{fh['ours_us']:.1f} us",
+         f"numpy rfft {fh['numpy_over_ours']:.1f}x slower, librosa "
+         f"{fh['librosa_over_ours']:.0f}x slower; {fh['bytes_retained_per_1000_hops']} B "
+         "retained per 1000 hops"),
+        (f"front end offline ({fo['audio_s'] / 60:.0f} min)",
+         f"{fo['ours_x_realtime']:.0f}x real time",
+         f"librosa {fo['librosa_x_realtime']:.0f}x ({fo['ours_over_librosa']:.1f}x slower)"),
+        *[(f"inference {name}, 1 thread", f"p50 {v['p50_ms']:.2f} ms",
+           f"p99 {v['p99_ms']:.2f} ms") for name, v in r["inference_1_thread"].items()],
+        (f"analyze ({an['model']})", f"{an['ours_x_realtime']:.0f}x real time",
+         f"librosa pipeline {an['librosa_x_realtime']:.0f}x ({an['ours_over_librosa']:.1f}x "
+         "slower)"),
+        ("end to end: ring -> subscriber", f"p50 {lat['p50_ms']:.2f} ms",
+         f"p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms ({lat['windows']} windows)"),
+        ("real time, 16 kHz mono", f"CPU {res.get('cpu_percent_of_one_core', 0):.1f}% of a core",
+         f"RSS {res.get('rss_mb', 0):.0f} MB; start-up cold {res.get('startup_cold_s') or 0:.1f}"
+         f" s, warm {res.get('startup_warm_s') or 0:.1f} s"),
+    ]
+    width = max(len(a) for a, _, _ in rows)
+    lines = [f"machine: {r['machine']}"]
+    lines += [f"{a:<{width}}  {b:>20}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
+
