@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -21,6 +22,7 @@ from monitor.errors import MonitorError
 logger = logging.getLogger("monitor")
 
 EXIT_USER_ERROR = 2
+FAULTS_ENV = "AUDIO_MONITOR_FAULTS"  # 1: enable test-only fault injection signals
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--wait-subscriber", type=float, default=0.0, metavar="SECONDS",
                      help="before starting the source, wait up to SECONDS for a subscriber "
                           "(batch runs that must not miss the first messages)")
+    run.add_argument("--metrics", metavar="ADDR:PORT",
+                     help="serve Prometheus metrics at http://ADDR:PORT/metrics (off by default;"
+                          " ':9108' is loopback)")
     run.set_defaults(handler=_cmd_run)
 
     devices = sub.add_parser("devices", help="list audio input devices")
@@ -83,6 +88,23 @@ def _parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch-models", help="download and assemble the pretrained models")
     fetch.add_argument("--models-dir", type=Path, default=None)
     fetch.set_defaults(handler=_cmd_fetch_models)
+
+    train = sub.add_parser("train", help="train the event model's head from real recordings")
+    train.add_argument("--data", type=Path, default=DATA_DIR, help="labelled recordings")
+    train.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="held-out metrics and a report of the event model")
+    evaluate.add_argument("--data", type=Path, default=DATA_DIR)
+    evaluate.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    evaluate.add_argument("--report", type=Path, default=Path("report"),
+                          help="folder for the HTML/PNG report")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    from monitor.service import add_install_service
+
+    add_install_service(sub)
     return parser
 
 
@@ -106,7 +128,7 @@ def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> 
 def _cmd_run(args: argparse.Namespace) -> int:
     from monitor.daemon import Daemon, build_source
     from monitor.detector import Detector
-    from monitor.publisher import Publisher
+    from monitor.publisher import PublishingStack
 
     overrides: dict[str, Any] = {}
     if args.source:
@@ -120,12 +142,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = _load(args, overrides)
     detector = Detector(config.model.path, threads=config.model.threads)
     source = build_source(config)
-    publisher = Publisher(config.publish.endpoint, sensor_id=config.sensor_id,
-                          send_hwm=config.publish.send_hwm)
+    stack = PublishingStack(config)  # journal, CURVE, PUB socket, catch-up server
+    publisher = stack.publisher
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     daemon = Daemon(config, source=source, detector=detector, publisher=publisher)
+    daemon.reloader = lambda: _load(args, overrides)
+    signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
+    if os.environ.get(FAULTS_ENV) == "1":  # tests only: SIGUSR2 freezes/thaws processing
+        signal.signal(signal.SIGUSR2, lambda *_: _toggle(daemon.frozen))
+    metrics = None
+    if args.metrics:
+        from monitor.metrics import MetricsServer, parse_address
+
+        metrics = MetricsServer(counters=daemon.counters, state=lambda: daemon.health.state,
+                                gauges=daemon.gauges)
+        daemon.processor.sink = metrics.wrap(daemon.processor.sink,
+                                             last_inference_ms=daemon.last_inference_ms)
+        metrics.start(*parse_address(args.metrics))
     logger.info("publishing on %s as %s; model %s; source %s", publisher.bound_endpoint,
                 config.sensor_id, detector.card.name, source.description)
     if args.wait_subscriber > 0 and not publisher.wait_for_subscriber(args.wait_subscriber):
@@ -133,8 +168,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         daemon.run(stop)
     finally:
-        publisher.close()
+        stack.close()
+        if metrics is not None:
+            metrics.close()
     return 0
+
+
+def _toggle(flag: threading.Event) -> None:
+    if flag.is_set():
+        flag.clear()
+    else:
+        flag.set()
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:
@@ -231,11 +275,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(config, audio=args.file, fast=args.fast)
 
 
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DATA_DIR = Path(os.environ.get("AUDIO_MONITOR_DATA", MODELS_DIR.parent.parent / "shared" / "data"))
+
+
 def _cmd_fetch_models(args: argparse.Namespace) -> int:
+    from monitor.training.compose import compose_events_model
     from monitor.yamnet import fetch_models_command
 
-    models_dir = args.models_dir or Path(__file__).resolve().parent.parent / "models"
-    return fetch_models_command(models_dir)
+    models_dir = args.models_dir or MODELS_DIR
+    status = fetch_models_command(models_dir)
+    if status == 0:
+        path = compose_events_model(models_dir)
+        print(f"{path}: ok (composed from yamnet.onnx and event-head.npz)")
+    return status
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from monitor.training.train import train_command
+
+    return train_command(args.data, args.models_dir, seed=args.seed)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from monitor.training.evaluate import evaluate_command
+
+    return evaluate_command(args.data, args.models_dir, args.report)
 
 
 if __name__ == "__main__":

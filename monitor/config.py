@@ -47,7 +47,7 @@ class AudioConfig:
 class ModelConfig:
     """The event detector: an ONNX model with its model card beside it (same name, .json)."""
 
-    path: Path = Path("models/yamnet.onnx")
+    path: Path = Path("models/events.onnx")
     """ONNX file; relative paths are resolved against the config file's folder."""
     threads: int = field(default=1, metadata=_range(1, 64))
     """onnxruntime intra-op threads."""
@@ -92,6 +92,26 @@ class EventsConfig:
 
 
 @dataclass(frozen=True)
+class CurveConfig:
+    """CURVE encryption and authentication of the daemon's sockets (keys: `audio-monitor keys`)."""
+
+    secret_key: Path | None = None
+    """This daemon's NAME.key_secret file; relative paths: against the config file's folder."""
+    allowed_clients: Path | None = None
+    """Folder of client public keys (NAME.key) allowed to connect; null: any CURVE client."""
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    """The local event journal (SQLite, `state_dir/journal.db`): every event, before sending."""
+
+    max_age_days: float = field(default=30.0, metadata=_range(0.01, 3650))
+    """Events older than this are pruned."""
+    max_mb: float = field(default=64.0, metadata=_range(1, 100000))
+    """The oldest events are pruned once the journal grows past this size."""
+
+
+@dataclass(frozen=True)
 class PublishConfig:
     """The ZeroMQ PUB socket that subscribers connect to."""
 
@@ -105,6 +125,12 @@ class PublishConfig:
     """Mel bands in each `level` message's spectrum (averaged down from the front end's)."""
     status_interval_s: float = field(default=5.0, metadata=_range(0.1, 3600))
     """Heartbeat period of `status` messages."""
+    catchup_endpoint: str | None = None
+    """ROUTER endpoint answering "events of sensor S since seq N" from the journal; null: off."""
+    curve: CurveConfig | None = None
+    """CURVE settings for the PUB and catch-up sockets; null: clear text."""
+    allow_insecure: bool = False
+    """Allow binding a non-loopback endpoint without CURVE."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +166,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     events: EventsConfig = EventsConfig()
     publish: PublishConfig = PublishConfig()
+    journal: JournalConfig = JournalConfig()
     state_dir: Path = Path("~/.local/state/audio-monitor")
     """Where learned machine baselines (and later the event journal) live."""
     machines: dict[str, MachineConfig] = field(default_factory=dict)
@@ -179,6 +206,17 @@ def load_config(path: Path | None, *, overrides: dict[str, Any] | None = None) -
     model_path = config.model.path if config.model.path.is_absolute() else base / config.model.path
     state_dir = config.state_dir.expanduser()
     state_dir = state_dir if state_dir.is_absolute() else base / state_dir
+    curve = config.publish.curve
+    if curve is not None:
+        if curve.secret_key is None:
+            raise ConfigError("publish.curve.secret_key: must be set when publish.curve is; "
+                              "create one with `audio-monitor keys NAME`")
+        curve = CurveConfig(
+            secret_key=base / curve.secret_key.expanduser(),
+            allowed_clients=None if curve.allowed_clients is None
+            else base / curve.allowed_clients.expanduser())
+        config = dataclasses.replace(config, publish=dataclasses.replace(config.publish,
+                                                                          curve=curve))
     return dataclasses.replace(config, model=dataclasses.replace(config.model, path=model_path),
                                state_dir=state_dir)
 

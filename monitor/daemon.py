@@ -10,18 +10,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from monitor.config import Config
 from monitor.detector import Detector
-from monitor.events import Transition
+from monitor.errors import MonitorError
+from monitor.events import EventLogic, Transition
 from monitor.levels import LevelMeter
 from monitor.messages import Event, Level, Scores, Status
-from monitor.processor import Processor
+from monitor.processor import INFERENCE_HISTORY, Processor, resolve_rules
 from monitor.publisher import Publisher
+from monitor.sdnotify import Notifier
 from monitor.sources import FileSource, MicSource, Source, StdinSource, parse_source
+from monitor.watchdog import Health, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,8 @@ READ_BLOCK_FRAMES = 4096
 IDLE_WAIT_S = 0.002
 POLL_INTERVAL_S = 0.1
 DEFAULT_STDIN_RATE = 16000
+STALL_S = 5.0  # a stage without progress this long stops the watchdog pings
+DRAIN_S = 2.0  # on stop: at most this long processing audio already captured
 
 
 def build_source(config: Config) -> Source:
@@ -133,6 +139,14 @@ class Daemon:
         self.processor.warm_up()
         self._started = time.monotonic()
         self._samples_at_status = -1
+        self.health = Health(Notifier.from_env(), stall_s=STALL_S,
+                             capture_may_idle=not isinstance(source, FileSource))
+        self.reloader: Callable[[], Config] | None = None
+        """Re-reads the configuration on SIGHUP (set by the CLI)."""
+        self.reload_requested = threading.Event()
+        self.frozen = threading.Event()
+        """Test hook (fault injection): while set the loop reads no audio."""
+        self.processing_s = 0.0
 
     def run(self, stop: threading.Event) -> None:
         """Process until `stop` is set or a finite source is exhausted."""
@@ -140,14 +154,18 @@ class Daemon:
         status_every = self.config.publish.status_interval_s
         self.source.start()
         self.publish_status("running")
+        self.health.ready(self._describe())
         next_status = time.monotonic() + status_every
         next_poll = time.monotonic() + POLL_INTERVAL_S
         try:
             while not stop.is_set():
-                n = ring.readinto(self._raw, multiple_of=source.channels)
+                n = 0 if self.frozen.is_set() else ring.readinto(self._raw,
+                                                                  multiple_of=source.channels)
                 if n:
                     self.sink.anchor(processor.samples)
+                    began = time.perf_counter()
                     processor.process(self._raw[:n])
+                    self.processing_s += time.perf_counter() - began
                 elif source.exhausted and ring.available() == 0:
                     break
                 else:
@@ -156,14 +174,103 @@ class Daemon:
                 if now >= next_poll:
                     source.poll(now)
                     next_poll = now + POLL_INTERVAL_S
+                    if self.reload_requested.is_set():
+                        self.reload()
+                    self.health.tick(now, self._progress(), self._describe)
                 if now >= next_status:
                     self.publisher.drain_subscriptions()
                     self.publish_status(self._state())
                     next_status = now + status_every
         finally:
-            processor.finish()
+            self.health.stopping(f"stopping: {self._describe()}")
             source.stop()
+            if stop.is_set():
+                self._drain()
+            processor.finish()
             self.publish_status("stopped")
+
+    def _drain(self) -> None:
+        """Process what the source captured before it stopped (at most DRAIN_S), so events
+        in that audio are still published."""
+        ring, channels = self.source.ring, self.source.channels
+        deadline = time.monotonic() + DRAIN_S
+        while time.monotonic() < deadline:
+            n = ring.readinto(self._raw, multiple_of=channels)
+            if not n:
+                return
+            self.processor.process(self._raw[:n])
+        logger.warning("stopped draining after %.1f s; %d samples left unprocessed", DRAIN_S,
+                       ring.available())
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read the config and swap in new event rules between two blocks.
+
+        Only `events` and `log_level` change live; other changed keys need a restart
+        (logged). Events active at the swap are ended first, so every start has an end.
+        A bad config is refused with one logged line and the running rules stay.
+        """
+        self.reload_requested.clear()
+        if self.reloader is None:
+            return False
+        self.health.reloading()
+        processor = self.processor
+        try:
+            config = self.reloader()
+            rules = resolve_rules(config, processor.detector, processor.timing)
+        except MonitorError as err:
+            logger.error("reload refused, keeping the running rules: %s", err)
+            self.health.reloaded(self._describe())
+            return False
+        for transition in processor.events.flush(processor.samples):
+            processor.sink.on_transition(transition)
+        timing = processor.timing
+        processor.rules = rules
+        processor.events = EventLogic(rules, processor.detector.classes,
+                                      window=timing.detector_window, stride=timing.stride)
+        self.sink.thresholds = {name: rule.threshold for name, rule in rules.items()}
+        restart = [key for key in ("source", "sensor_id", "audio", "model", "publish")
+                   if getattr(config, key) != getattr(self.config, key)]
+        if restart:
+            logger.warning("reload: %s changed; that takes a restart", ", ".join(restart))
+        logging.getLogger("monitor").setLevel(config.log_level)
+        self.config = config
+        logger.info("reloaded: %d event rules", len(rules))
+        self.health.reloaded(self._describe())
+        return True
+
+    def _progress(self) -> Progress:
+        source, ring, publisher = self.source, self.source.ring, self.publisher
+        return Progress(captured=source.counters.callbacks, capture_done=source.exhausted,
+                        backlog=ring.available(), ring_capacity=ring.capacity,
+                        processed=self.processor.samples, sent=publisher.sent,
+                        attempts=publisher.sent + publisher.dropped)
+
+    def _describe(self) -> str:
+        """One line for systemd's STATUS=."""
+        processor, counters = self.processor, self.source.counters
+        line = (f"{processor.samples / processor.timing.sample_rate:.0f} s audio, "
+                f"{self.sink.events_started} events, {self.source.ring.overrun_events} overruns,"
+                f" {counters.reconnects} reconnects")
+        if self.source.last_error:
+            line += f"; last error: {self.source.last_error}"
+        return line
+
+    def last_inference_ms(self) -> float:
+        """Latency of the latest scored window (for the metrics histogram)."""
+        processor = self.processor
+        return float(processor._inference_ms[(processor._inference_count - 1)
+                                             % INFERENCE_HISTORY])
+
+    def gauges(self) -> dict[str, float]:
+        """Values beside `counters()` for metrics; `*_seconds_total` ones only grow."""
+        return {
+            "uptime_seconds": time.monotonic() - self._started,
+            "audio_seconds": self.processor.samples / self.processor.timing.sample_rate,
+            "processing_seconds_total": self.processing_s,
+            "ring_backlog_samples": float(self.source.ring.available()),
+            "dc_offset": self.processor.meter.dc_offset,
+            "watchdog_pings_total": float(self.health.pings),
+        }
 
     def _state(self) -> str:
         flowing = self.processor.samples != self._samples_at_status

@@ -6,22 +6,20 @@ No sockets, no terminal, no clock: `DashboardState.ingest(frames, now=...)` deco
 the dashboard's monotonic receive time; liveness is judged by when *we* last heard a
 sensor, never by the sensor's own clock (sensor clocks may be off).
 
-Topics ``anomaly.<machine>`` have no dataclass in the wire contract yet, so they are read
-generically: a JSON object with ``sensor_id`` (str) and ``score`` (number), optional
-``threshold`` and ``machine`` (default: the topic suffix). Anything else that does not
-decode is counted in `decode_errors`, never raised.
+Machine health (``anomaly.<machine>`` topics) is kept per sensor and machine. Anything that
+does not decode (including message types newer than this dashboard) is counted in
+`decode_errors`, never raised.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from monitor.errors import MessageError
-from monitor.messages import Event, Level, Message, Scores, Status, decode
+from monitor.messages import Anomaly, Event, Level, Message, Scores, Status, decode
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +46,12 @@ class LoggedEvent:
 
 
 @dataclass
-class Anomaly:
+class MachineHealth:
     machine: str
     score: float
-    threshold: float | None
+    threshold: float
+    """Alarm level, in the units of `score` (not necessarily 0..1)."""
+    running: bool
     received: float
 
 
@@ -70,7 +70,7 @@ class SensorState:
     peak_hold_at: float = 0.0
     mel: deque[list[float]] = field(default_factory=lambda: deque(maxlen=MEL_HISTORY))
     top: list[tuple[str, float, float | None]] = field(default_factory=list)
-    anomalies: dict[str, Anomaly] = field(default_factory=dict)
+    machines: dict[str, MachineHealth] = field(default_factory=dict)
     last_event: LoggedEvent | None = None
     last_seq: int | None = None
     lost: int = 0
@@ -107,15 +107,13 @@ class DashboardState:
     def ingest(self, frames: list[bytes], *, now: float) -> bool:
         """Decode and apply one message; a bad one is counted and ignored. True if applied."""
         try:
-            if len(frames) == 2 and frames[0].startswith(b"anomaly."):
-                self._apply_anomaly(frames, now=now)
-            else:
-                self.apply(decode(frames), now=now)
+            message = decode(frames)
         except MessageError as err:
             self.decode_errors += 1
             self.last_decode_error = str(err)
             logger.debug("dropped a bad message: %s", err)
             return False
+        self.apply(message, now=now)
         return True
 
     def apply(self, message: Message, *, now: float) -> None:
@@ -132,16 +130,17 @@ class DashboardState:
             sensor.last_status = now
         elif isinstance(message, Event):
             self._apply_event(sensor, message, now=now)
+        elif isinstance(message, Anomaly):
+            sensor.machines[message.machine] = MachineHealth(
+                message.machine, message.score, message.threshold, message.running, now)
 
-    def _touch(self, sensor_id: str, seq: int | None, *, now: float) -> SensorState:
+    def _touch(self, sensor_id: str, seq: int, *, now: float) -> SensorState:
         self.received += 1
         sensor = self.sensors.get(sensor_id)
         if sensor is None:
             sensor = self.sensors[sensor_id] = SensorState(sensor_id, first_seen=now,
                                                           last_message=now)
         sensor.last_message = now
-        if seq is None:
-            return sensor
         if sensor.last_seq is not None and seq > sensor.last_seq + 1:
             sensor.lost += seq - sensor.last_seq - 1
         sensor.last_seq = seq  # a smaller seq means the daemon restarted: start over
@@ -172,26 +171,6 @@ class DashboardState:
         if event.phase == "end" and event.offset_s is not None:
             row.duration_s = event.offset_s - event.onset_s
         sensor.last_event = row
-
-    def _apply_anomaly(self, frames: list[bytes], *, now: float) -> None:
-        try:
-            body = json.loads(frames[1])
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise MessageError(f"anomaly message body is not JSON: {err}") from err
-        if not isinstance(body, dict):
-            raise MessageError(f"anomaly message must be a JSON object, got "
-                               f"{type(body).__name__}")
-        sensor_id, score = body.get("sensor_id"), body.get("score")
-        threshold = body.get("threshold")
-        if not isinstance(sensor_id, str) or not _is_number(score):
-            raise MessageError(f"anomaly message needs sensor_id (str) and score (number), got "
-                               f"{sensor_id!r} and {score!r}")
-        machine = body.get("machine") or frames[0][len(b"anomaly."):].decode("ascii", "replace")
-        seq = body.get("seq")
-        seq = int(seq) if _is_number(seq) else None
-        sensor = self._touch(sensor_id, seq, now=now)
-        sensor.anomalies[str(machine)] = Anomaly(
-            str(machine), float(score), float(threshold) if _is_number(threshold) else None, now)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -266,6 +245,3 @@ def _next(current: str | None, options: Iterable[str]) -> str | None:
     except ValueError:  # the current choice disappeared
         return None
 
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -26,12 +26,13 @@ from monitor.errors import MonitorError, SourceError
 from monitor.messages import Event, Scores, Status, decode
 from monitor.publisher import Publisher
 from monitor.sources import FileSource
+from monitor.training.dataset import split_of
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("AUDIO_MONITOR_DATA", REPO.parent / "shared" / "data"))
 DEMO_CACHE = REPO / ".cache" / "demo"
-# Real recordings played by the demo, by label, from the held-out part of ../shared/data
-# (SAFE fold 8 and files the event model never trained on). Gaps are quiet room tone.
+# Real recordings played by the demo, by label, from the test split of ../shared/data
+# (files the event model never trained on). Gaps are digital silence.
 DEMO_PLAYLIST = ("non_fall", "cough", "background", "fall", "glass_break", "cough", "fall")
 SUBSCRIBER_GRACE_S = 0.3
 
@@ -50,7 +51,8 @@ def demo_audio(data_dir: Path = DATA_DIR) -> Path:
     picked: dict[str, list[Path]] = {}
     for row in rows:
         label = row["label"]
-        held_out = row["fold"] in ("", "8") and row.get("channel") != "call-center"
+        held_out = split_of(row["path"], row["fold"]) == "test" and \
+            row.get("channel") != "call-center"
         if label in DEMO_PLAYLIST and held_out:
             picked.setdefault(label, []).append(data_dir / row["path"])
     pieces = []
@@ -146,7 +148,7 @@ def _show(sub: zmq.Socket, console: Console, done: threading.Event) -> dict[str,
                               f"(peak {message.peak_score:.2f})[/]")
         elif isinstance(message, Scores) and message.t_audio_s - last_scores >= 1.0:
             last_scores = message.t_audio_s
-            top = "  ".join(f"{label} {score:.2f}" for label, score in message.top[:3])
+            top = "  ".join(f"{label} {score:.2f}" for label, score, _ in message.top[:3])
             console.print(f"[dim]{message.t_audio_s:7.2f} s  hears: {top}[/]")
         elif isinstance(message, Status) and message.state == "stopped":
             return events

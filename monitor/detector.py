@@ -43,6 +43,9 @@ class ModelCard:
     sha256: str | None
     fetch: str | None
     """Command that (re)creates the model file, for the missing-file message."""
+    onset_lead_ms: float | None = None
+    """How long before the end of the first window that scores a hit its sound typically
+    began (measured in evaluation); null: half a window."""
 
 
 def read_card(model_path: Path) -> ModelCard:
@@ -80,7 +83,9 @@ def read_card(model_path: Path) -> ModelCard:
             input_name=str(input_spec["name"]), output_name=str(output_spec["name"]),
             window_frames=int(raw["window_frames"]), frontend=frontend,
             thresholds={str(k): float(v) for k, v in raw.get("thresholds", {}).items()},
-            sha256=raw.get("sha256"), fetch=raw.get("fetch"))
+            sha256=raw.get("sha256"), fetch=raw.get("fetch"),
+            onset_lead_ms=None if raw.get("onset_lead_ms") is None
+            else float(raw["onset_lead_ms"]))
         expected_in = [1, card.window_frames, frontend.n_mels]
         if list(input_spec["shape"]) != expected_in:
             raise ModelError(f"model card {card_path}: input shape {input_spec['shape']} "

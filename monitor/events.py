@@ -50,9 +50,13 @@ class _State(Enum):
 class ClassEventLogic:
     """State machine of one class; `update` is called once per scored window."""
 
-    def __init__(self, label: str, rule: ClassRule, *, window: int, stride: int) -> None:
+    def __init__(self, label: str, rule: ClassRule, *, window: int, stride: int,
+                 onset_lead: int | None = None) -> None:
         """`window` and `stride` are the scored window's length and step in samples: they
-        place onsets and offsets (a window ending at `end` holds audio from `end - window`)."""
+        place offsets (a window ending at `end` holds audio from `end - window`).
+        `onset_lead` is how far before the end of the first hit window the sound typically
+        began: models score a sound best when it sits mid-window, so the default is half
+        a window."""
         if not 0.0 <= rule.release <= rule.threshold <= 1.0:
             raise ValueError(f"{label}: need 0 <= release <= threshold <= 1, got {rule}")
         if not 1 <= rule.confirm_n <= rule.confirm_m:
@@ -61,6 +65,7 @@ class ClassEventLogic:
         self.rule = rule
         self.window = window
         self.stride = stride
+        self.onset_lead = window // 2 if onset_lead is None else min(onset_lead, window)
         self._hits = [False] * rule.confirm_m
         self._hit_ends = [0] * rule.confirm_m
         self.reset()
@@ -72,6 +77,7 @@ class ClassEventLogic:
         for i in range(self.rule.confirm_m):
             self._hits[i] = False
         self._onset = 0
+        self._first_hit = 0
         self._last_above_release = 0
         self._peak = 0.0
         self._quiet_until = -1
@@ -95,7 +101,7 @@ class ClassEventLogic:
         if score >= rule.release:
             self._last_above_release = end
             self._peak = max(self._peak, score)
-            if self._state is _State.PENDING and end - self._onset >= rule.min_duration:
+            if self._state is _State.PENDING and end - self._first_hit >= rule.min_duration:
                 self._state = _State.ACTIVE
                 return self._transition("start", None)
             return None
@@ -112,13 +118,13 @@ class ClassEventLogic:
         if end < self._quiet_until or sum(self._hits) < rule.confirm_n:
             return None
         first_hit_end = min(e for e, h in zip(self._hit_ends, self._hits, strict=True) if h)
-        # The previous window missed, so the sound entered during the last stride.
-        self._onset = max(0, first_hit_end - min(self.window, self.stride))
+        self._first_hit = first_hit_end
+        self._onset = max(0, first_hit_end - self.onset_lead)
         self._peak = score
         self._last_above_release = end
         self._state = _State.PENDING
         self._events += 1
-        if end - self._onset >= rule.min_duration:
+        if end - self._first_hit >= rule.min_duration:
             self._state = _State.ACTIVE
             return self._transition("start", None)
         return None
@@ -148,12 +154,13 @@ class EventLogic:
     """The state machines of every watched class, fed one score vector per window."""
 
     def __init__(self, rules: dict[str, ClassRule], classes: tuple[str, ...], *,
-                 window: int, stride: int) -> None:
+                 window: int, stride: int, onset_lead: int | None = None) -> None:
         unknown = sorted(set(rules) - set(classes))
         if unknown:
             raise ValueError(f"rules for classes the model does not have: {unknown}")
         self._watched = [(classes.index(name), ClassEventLogic(name, rule, window=window,
-                                                            stride=stride))
+                                                            stride=stride,
+                                                            onset_lead=onset_lead))
                          for name, rule in rules.items()]
 
     @property

@@ -136,8 +136,10 @@ class Processor:
         self.detector = detector
         self.timing = timing = derive_timing(config, detector)
         self.rules = resolve_rules(config, detector, timing)
-        self.events = EventLogic(self.rules, detector.classes, window=timing.detector_window,
-                                 stride=timing.stride)
+        lead_ms = detector.card.onset_lead_ms
+        self.events = EventLogic(
+            self.rules, detector.classes, window=timing.detector_window, stride=timing.stride,
+            onset_lead=None if lead_ms is None else round(lead_ms * timing.sample_rate / 1000))
         self.channels = channels
         self.sink = sink
         self.frontend = Frontend(detector.card.frontend, max_block=max_block)

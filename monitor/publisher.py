@@ -5,6 +5,10 @@ A slow or dead subscriber fills its own queue up to ``send_hwm``; ZeroMQ then dr
 messages for that subscriber only, so one stuck dashboard cannot starve the pager.
 Those per-subscriber drops are invisible to a PUB socket by design: subscribers see
 them as gaps in ``seq``. ``dropped`` counts what this side could not send at all.
+
+With a journal, every `Event` is written to disk (fsync) *before* it is sent, so a
+subscriber that missed it asks the catch-up endpoint; `seq` continues after the
+journal's highest reserved number across restarts (see `monitor.journal`).
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ from typing import Any
 
 import zmq
 
+from monitor.catchup import CatchupServer
+from monitor.config import Config
 from monitor.errors import ConfigError
-from monitor.messages import Message, encode
+from monitor.journal import SEQ_BLOCK, Journal
+from monitor.keys import CurveServer, require_safe
+from monitor.messages import Event, Message, encode
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +33,13 @@ class Publisher:
     """Binds a PUB socket and sends messages with a per-sensor sequence number."""
 
     def __init__(self, endpoint: str, *, sensor_id: str, send_hwm: int,
-                 context: zmq.Context[Any] | None = None) -> None:
+                 context: zmq.Context[Any] | None = None, journal: Journal | None = None,
+                 curve: CurveServer | None = None, allow_insecure: bool = False) -> None:
         if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError(f"publish.endpoint: {endpoint!r} is not a ZeroMQ endpoint; use "
                               "tcp://HOST:PORT or ipc:///path")
+        require_safe(endpoint, curve=curve is not None, allow_insecure=allow_insecure,
+                     where="publish.endpoint")
         self.sensor_id = sensor_id
         self.endpoint = endpoint
         self._context = context or zmq.Context.instance()
@@ -37,6 +48,8 @@ class Publisher:
         self._socket.setsockopt(zmq.SNDHWM, send_hwm)
         self._socket.setsockopt(zmq.RCVHWM, 100)
         self._socket.setsockopt(zmq.LINGER, 500)
+        if curve is not None:
+            curve.apply(self._socket)  # curve_server=True before bind
         try:
             self._socket.bind(endpoint)
         except zmq.ZMQError as err:
@@ -44,7 +57,9 @@ class Publisher:
             raise ConfigError(f"publish.endpoint: cannot bind {endpoint!r}: {err.strerror}; "
                               "pick a free port or path") from err
         self.bound_endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._seq = 0
+        self._journal = journal
+        self._seq = 0 if journal is None else journal.start_seq(sensor_id)
+        self._reserved = self._seq
         self.sent = 0
         self.dropped = 0
 
@@ -67,6 +82,8 @@ class Publisher:
     def next_header(self) -> dict[str, Any]:
         """Common fields of the next message: sensor_id, seq, ts."""
         self._seq += 1
+        if self._journal is not None and self._seq > self._reserved:
+            self._reserved = self._journal.reserve(self.sensor_id, self._seq + SEQ_BLOCK)
         return {"sensor_id": self.sensor_id, "seq": self._seq, "ts": time.time()}
 
     def send(self, message: Message) -> bool:
@@ -77,6 +94,8 @@ class Publisher:
             self.dropped += 1
             logger.warning("unsendable %s message dropped: %s", message.TYPE, err)
             return False
+        if self._journal is not None and isinstance(message, Event):
+            self._journal.append(message.sensor_id, message.seq, message.ts, frames)
         try:
             self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -98,3 +117,46 @@ class Publisher:
     def close(self) -> None:
         self._socket.close()
 
+
+
+class PublishingStack:
+    """What `run` publishes through: journal, CURVE authenticator, PUB socket and catch-up
+    server, built from the config in the right order and closed in reverse."""
+
+    def __init__(self, config: Config, *, context: zmq.Context[Any] | None = None) -> None:
+        publish = config.publish
+        self.context = context or zmq.Context.instance()
+        self.curve: CurveServer | None = None
+        self.catchup: CatchupServer | None = None
+        self.journal = Journal(config.state_dir / "journal.db",
+                               max_age_days=config.journal.max_age_days,
+                               max_mb=config.journal.max_mb)
+        try:
+            if publish.curve is not None:
+                assert publish.curve.secret_key is not None  # checked by load_config
+                self.curve = CurveServer(self.context, secret_key=publish.curve.secret_key,
+                                         allowed_clients=publish.curve.allowed_clients,
+                                         where="publish.curve")
+            self.publisher = Publisher(publish.endpoint, sensor_id=config.sensor_id,
+                                       send_hwm=publish.send_hwm, context=self.context,
+                                       journal=self.journal, curve=self.curve,
+                                       allow_insecure=publish.allow_insecure)
+            if publish.catchup_endpoint is not None:
+                self.catchup = CatchupServer(publish.catchup_endpoint,
+                                             journal_path=self.journal.path,
+                                             sensor_ids=(config.sensor_id,),
+                                             context=self.context, curve=self.curve,
+                                             allow_insecure=publish.allow_insecure)
+                self.catchup.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.catchup is not None:
+            self.catchup.stop()
+        if hasattr(self, "publisher"):
+            self.publisher.close()
+        if self.curve is not None:
+            self.curve.stop()
+        self.journal.close()

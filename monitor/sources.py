@@ -433,6 +433,8 @@ class MicSource(Source):
     Before each reopen PortAudio is re-initialised so it sees devices that came
     back; that is process-wide, so it is done only while this source has no
     stream open, and assumes no other PortAudio stream is open in the process.
+    Closing runs in a reaper thread because some backends hang there; see
+    `needs_restart` for the case where only a process restart can recover.
     """
 
     def __init__(
@@ -558,6 +560,18 @@ class MicSource(Source):
                 self._reaper = None
 
     @property
+    def needs_restart(self) -> bool:
+        """True when PortAudio cannot release a dead stream, so only a new process can recover.
+
+        Seen with PortAudio's JACK backend after the server dies: Pa_AbortStream
+        waits 10 min for a process cycle that never comes, then a failed
+        assertion aborts the process; Pa_Terminate (also run by sounddevice at
+        exit) does the same. A supervisor should exit with os._exit and let its
+        service manager restart it.
+        """
+        return self._close_warned and self.closing
+
+    @property
     def closing(self) -> bool:
         """True while a dead stream is still being closed by PortAudio (no reopen until done)."""
         return self._reaper is not None and self._reaper.is_alive()
@@ -617,10 +631,10 @@ class MicSource(Source):
                     self._close_warned = True
                     self._last_error = (
                         f"{self.description}: PortAudio has not released the dead stream "
-                        f"after {waited:.0f} s (its JACK backend waits up to 10 min); "
-                        "reopening once it does"
+                        f"after {waited:.0f} s (its JACK backend blocks up to 10 min, then "
+                        "aborts the process); restart the process to recover"
                     )
-                    logger.warning("%s", self._last_error)
+                    logger.error("%s", self._last_error)
                 return
             self._reaper = None
             self._close_warned = False

@@ -20,7 +20,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_shipped_config_is_valid_and_frozen() -> None:
     config = load_config(REPO / "config.yaml")
-    assert config.model.path == REPO / "models" / "yamnet.onnx"
+    assert config.model.path == REPO / "models" / "events.onnx"
     assert config.publish.endpoint.startswith("tcp://127.0.0.1")
     with pytest.raises(AttributeError):
         config.sensor_id = "other"  # type: ignore[misc]
@@ -29,7 +29,7 @@ def test_shipped_config_is_valid_and_frozen() -> None:
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, ""))
     assert config.audio == Config().audio
-    assert config.model.path == tmp_path / "models" / "yamnet.onnx"
+    assert config.model.path == tmp_path / "models" / "events.onnx"
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -42,7 +42,7 @@ def test_start_then_end_with_peak_and_times() -> None:
     assert [(phase, i) for phase, i, _ in got] == [("start", 2), ("end", 5)]
     start, end = got[0][2], got[1][2]
     assert start.event_number == end.event_number == 1
-    assert start.onset == WINDOW + 2 * STRIDE - STRIDE  # entered during the last stride
+    assert start.onset == WINDOW + 2 * STRIDE - WINDOW // 2  # models hit mid-window
     assert end.peak_score == pytest.approx(0.9)
     assert end.offset is not None and end.offset >= end.onset
 
@@ -64,15 +64,16 @@ def test_n_of_m_rejects_isolated_hits() -> None:
     got = feed(make(confirm_n=2, confirm_m=3), [0.9, 0.1, 0.9, 0.8, 0.1])
     assert [(phase, i) for phase, i, _ in got] == [("start", 2), ("end", 4)]
     # The onset is placed at the first hit of the confirming set, not the confirming one.
-    assert got[0][2].onset == WINDOW - STRIDE
+    assert got[0][2].onset == WINDOW - WINDOW // 2
 
 
 def test_min_duration_suppresses_short_events_and_counts_them() -> None:
     logic = make(min_duration=3 * STRIDE)
     assert feed(logic, [0.9, 0.9, 0.1, 0.1]) == []
     assert logic.suppressed == 1
+    # Measured from the first hit: hits at windows 0..3 have lasted 3 strides at window 3.
     got = feed(make(min_duration=3 * STRIDE), [0.9, 0.9, 0.9, 0.9, 0.1])
-    assert [(phase, i) for phase, i, _ in got] == [("start", 2), ("end", 4)]
+    assert [(phase, i) for phase, i, _ in got] == [("start", 3), ("end", 4)]
     assert got[0][2].event_number == 1
 
 
@@ -116,3 +117,11 @@ def test_event_logic_routes_scores_by_class_index() -> None:
     assert [(t.label, t.phase) for t in logic.flush(WINDOW + 2 * STRIDE)] == [("cough", "end")]
     with pytest.raises(ValueError, match="does not have"):
         EventLogic({"siren": rule()}, ("speech",), window=WINDOW, stride=STRIDE)
+
+
+def test_onset_lead_comes_from_the_model() -> None:
+    logic = ClassEventLogic("fall", rule(), window=WINDOW, stride=STRIDE, onset_lead=STRIDE)
+    got = feed(logic, [0.1, 0.9, 0.1])
+    assert got[0][2].onset == WINDOW + STRIDE - STRIDE
+    capped = ClassEventLogic("fall", rule(), window=WINDOW, stride=STRIDE, onset_lead=10**9)
+    assert feed(capped, [0.9, 0.1])[0][2].onset == 0

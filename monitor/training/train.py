@@ -9,6 +9,7 @@ highest (pass 2). Windows of positive clips that are not picked are left out, ne
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import sys
@@ -42,6 +43,7 @@ EVAL_HOP_FRAMES = 10
 REG_C = 0.05
 """Inverse L2 strength of the logistic regression (chosen on the validation split)."""
 TARGET_PRECISION = 0.9
+TEMPERATURES = (1.0, 2.0, 3.0, 4.0)
 OTHER = CLASSES.index("other")
 
 
@@ -56,7 +58,7 @@ def pick_windows(w: Windows, clip_cls: np.ndarray, *, probs: np.ndarray | None) 
     keep[cls == OTHER] = True
     order = np.lexsort((w.start, w.clip))
     bounds = np.flatnonzero(np.diff(w.clip[order], prepend=-1, append=-1))
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in itertools.pairwise(bounds):
         idx = order[a:b]
         c = cls[idx[0]]
         if c == OTHER:
@@ -107,6 +109,26 @@ def head_probs(head: dict[str, np.ndarray], emb: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def choose_temperature(head: dict[str, np.ndarray], emb: np.ndarray, clip: np.ndarray,
+                       clip_cls: np.ndarray) -> float:
+    """Softmax temperature from TEMPERATURES with the best mean validation recall at
+    TARGET_PRECISION (ties: the larger). The linear head is overconfident (probabilities
+    saturate at 1.0, leaving no room for thresholds); a large temperature spreads them but
+    lets the other classes' logits reorder a class's clips, so it is chosen, not fitted."""
+    best, best_recall = TEMPERATURES[0], -1.0
+    for t in TEMPERATURES:
+        scaled = {"w1": head["w1"] / np.float32(t), "b1": head["b1"] / np.float32(t)}
+        top = clip_max(head_probs(scaled, emb), clip, clip_cls.shape[0])
+        recalls = []
+        for k in range(len(EVENT_CLASSES)):
+            _, precision, recall = pr_curve(top[:, k], clip_cls == k)
+            ok = precision >= TARGET_PRECISION
+            recalls.append(float(recall[ok].max()) if ok.any() else 0.0)
+        if np.mean(recalls) >= best_recall - 1e-9:
+            best, best_recall = t, float(np.mean(recalls))
+    return best
 
 
 def clip_max(probs: np.ndarray, clip: np.ndarray, n_clips: int) -> np.ndarray:
@@ -174,10 +196,13 @@ def train(data_dir: Path, models_dir: Path, *, seed: int = 0,
     sel = pick_windows(w, clip_cls, probs=probs)
     pipe = fit_head(w.emb[sel], clip_cls[w.clip[sel]], seed=seed)
     head = head_to_arrays(pipe)
+    val_cls = class_index(val_clips)
+    temperature = choose_temperature(head, val.emb, val.clip, val_cls)
+    head = {"w1": head["w1"] / np.float32(temperature), "b1": head["b1"] / np.float32(temperature)}
+    logger.info("softmax temperature %.3f (folded into the head)", temperature)
     logger.info("head trained on %d windows (%s per class)", sel.size,
                 np.bincount(clip_cls[w.clip[sel]], minlength=len(CLASSES)).tolist())
 
-    val_cls = class_index(val_clips)
     val_max = clip_max(head_probs(head, val.emb), val.clip, len(val_clips))
     thresholds, val_metrics = {}, {}
     for c, name in enumerate(EVENT_CLASSES):
@@ -190,22 +215,22 @@ def train(data_dir: Path, models_dir: Path, *, seed: int = 0,
                              "recall": round(tp / max(int(positive.sum()), 1), 4),
                              "clips": int(positive.sum())}
     models_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(models_dir / HEAD_FILE, **head)
+    np.savez(models_dir / HEAD_FILE, w1=head["w1"], b1=head["b1"])
     target = compose_events_model(models_dir, check=False)
     sha = hashlib.sha256(target.read_bytes()).hexdigest()
     card = build_card(params_dict=params.to_dict() | {"hash": params.hash()}, sha256=sha,
                       thresholds=thresholds, clips=clips, seed=seed, windows=int(sel.size),
-                      validation=val_metrics)
+                      validation=val_metrics, temperature=temperature)
     write_card(models_dir / CARD_FILE, card)
     elapsed = time.perf_counter() - t0
     logger.info("training took %.1f s (features %.1f s)", elapsed, t_feat)
-    return {"thresholds": thresholds, "validation": val_metrics, "seconds": round(elapsed, 1),
-            "sha256": sha}
+    return {"thresholds": thresholds, "temperature": temperature, "validation": val_metrics,
+            "seconds": round(elapsed, 1), "sha256": sha}
 
 
 def build_card(*, params_dict: dict[str, Any], sha256: str, thresholds: dict[str, float],
                clips: list[Clip], seed: int, windows: int,
-               validation: dict[str, Any]) -> dict[str, Any]:
+               validation: dict[str, Any], temperature: float) -> dict[str, Any]:
     """Model card, schema 1 (as `monitor.detector.read_card` reads it) plus training facts."""
     sources: dict[tuple[str, str], dict[str, Any]] = {}
     for c in clips:
@@ -252,6 +277,7 @@ def build_card(*, params_dict: dict[str, Any], sha256: str, thresholds: dict[str
                                   "loudest third of windows (pass 1), then windows the pass-1 "
                                   "head scores >= 0.5 plus the best one (pass 2)"),
             "windows": windows,
+            "softmax_temperature": temperature,
             "sources": sorted(sources.values(), key=lambda e: e["source"]),
             "thresholds_from": ("validation clips, clip positive if any 100 ms-stride window "
                                 f">= threshold; lowest threshold keeping precision >= "

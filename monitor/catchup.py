@@ -1,0 +1,192 @@
+"""Catch-up: "events of sensor S since seq N", answered from the journal.
+
+Protocol (request/reply over ZeroMQ; the server is a ROUTER, clients use REQ):
+
+* request: one frame, JSON ``{"sensor_id": S, "after_seq": N, "limit": L}``
+* reply: ``[header, topic, body, topic, body, ...]``; header is JSON
+  ``{"ok": true, "sensor_id": S, "after_seq": N, "last_seq": M, "more": bool}``
+  (``last_seq``: the newest journaled event seq; ``more``: ask again after the last
+  returned seq) or ``{"ok": false, "error": "..."}``. Each ``[topic, body]`` pair is the
+  event exactly as it was published, so `monitor.messages.decode` checks it.
+
+The server keeps every envelope frame up to the first empty frame and sends it back, so a
+broker in between (`monitor.proxy`, a ROUTER in front of DEALERs) routes replies home.
+The server runs in its own thread with its own SQLite connection; its socket never leaves
+that thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from monitor.errors import ConfigError, MessageError
+from monitor.journal import JournalReader
+from monitor.keys import CurveServer, require_safe
+
+logger = logging.getLogger(__name__)
+
+MAX_LIMIT = 1000
+"""Events per reply at most; clients page with `after_seq`."""
+POLL_MS = 100
+
+
+def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """ROUTER frames -> (envelope up to and including the first empty frame, payload)."""
+    for i, frame in enumerate(frames):
+        if frame == b"":
+            return frames[:i + 1], frames[i + 1:]
+    return frames, []
+
+
+def parse_request(payload: list[bytes]) -> tuple[str, int, int]:
+    """-> (sensor_id, after_seq, limit); MessageError if malformed."""
+    if len(payload) != 1:
+        raise MessageError(f"catch-up request must be 1 frame, got {len(payload)}")
+    try:
+        body = json.loads(payload[0])
+        sensor_id, after_seq = body["sensor_id"], body["after_seq"]
+        limit = body.get("limit", MAX_LIMIT)
+    except (ValueError, TypeError, KeyError) as err:
+        raise MessageError(f"catch-up request is not JSON with sensor_id and after_seq: "
+                           f"{err}") from err
+    if not isinstance(sensor_id, str) or not isinstance(after_seq, int) or \
+            not isinstance(limit, int) or limit < 1:
+        raise MessageError("catch-up request: sensor_id must be a string, after_seq and "
+                           "limit integers (limit >= 1)")
+    return sensor_id, after_seq, min(limit, MAX_LIMIT)
+
+
+def error_reply(text: str) -> list[bytes]:
+    return [json.dumps({"ok": False, "error": text}).encode()]
+
+
+class CatchupServer:
+    """ROUTER answering catch-up requests from the journal, in a named thread."""
+
+    def __init__(self, endpoint: str, *, journal_path: Path, sensor_ids: tuple[str, ...],
+                 context: zmq.Context[Any] | None = None, curve: CurveServer | None = None,
+                 allow_insecure: bool = False) -> None:
+        if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(f"publish.catchup_endpoint: {endpoint!r} is not a ZeroMQ "
+                              "endpoint; use tcp://HOST:PORT or ipc:///path")
+        require_safe(endpoint, curve=curve is not None, allow_insecure=allow_insecure,
+                     where="publish.catchup_endpoint")
+        self.endpoint = endpoint
+        self.journal_path = journal_path
+        self.sensor_ids = sensor_ids
+        self.curve = curve
+        self.context = context or zmq.Context.instance()
+        self.served = 0
+        self.bad_requests = 0
+        self.bound_endpoint = ""
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="catchup", daemon=True)
+
+    def start(self, timeout_s: float = 5.0) -> None:
+        """Start the thread and wait until it has bound (or report why it could not)."""
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise ConfigError(f"publish.catchup_endpoint: {self.endpoint!r} did not bind "
+                              f"within {timeout_s} s")
+        if self._error is not None:
+            raise self._error
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        socket = self.context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        try:
+            if self.curve is not None:
+                self.curve.apply(socket)
+            socket.bind(self.endpoint)
+            self.bound_endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            reader = JournalReader(self.journal_path)
+        except (zmq.ZMQError, ConfigError) as err:
+            text = err.strerror if isinstance(err, zmq.ZMQError) else str(err)
+            self._error = ConfigError(f"publish.catchup_endpoint: cannot bind "
+                                      f"{self.endpoint!r}: {text}")
+            socket.close()
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                if not socket.poll(POLL_MS):
+                    continue
+                envelope, payload = split_envelope(socket.recv_multipart())
+                socket.send_multipart(envelope + self.answer(reader, payload))
+        finally:
+            reader.close()
+            socket.close()
+
+    def answer(self, reader: JournalReader, payload: list[bytes]) -> list[bytes]:
+        try:
+            sensor_id, after_seq, limit = parse_request(payload)
+        except MessageError as err:
+            self.bad_requests += 1
+            return error_reply(str(err))
+        if sensor_id not in self.sensor_ids:
+            self.bad_requests += 1
+            return error_reply(f"unknown sensor_id {sensor_id!r}; this endpoint serves "
+                               f"{list(self.sensor_ids)}")
+        rows = reader.since(sensor_id, after_seq, limit=limit)
+        self.served += len(rows)
+        header = {"ok": True, "sensor_id": sensor_id, "after_seq": after_seq,
+                  "last_seq": reader.last_seq(sensor_id), "more": len(rows) == limit}
+        frames = [json.dumps(header).encode()]
+        for topic, body in rows:
+            frames += [topic, body]
+        return frames
+
+
+class CatchupClient:
+    """REQ client of a catch-up endpoint (a sensor's or a proxy's); one thread only."""
+
+    def __init__(self, endpoint: str, *, context: zmq.Context[Any],
+                 configure: Any = None, timeout_s: float = 2.0) -> None:
+        self.endpoint = endpoint
+        self.timeout_ms = int(timeout_s * 1000)
+        self._context = context
+        self._configure = configure
+        self._socket = self._new_socket()
+
+    def _new_socket(self) -> zmq.Socket[Any]:
+        socket = self._context.socket(zmq.REQ)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.REQ_RELAXED, 1)
+        socket.setsockopt(zmq.REQ_CORRELATE, 1)
+        if self._configure is not None:
+            self._configure(socket)
+        socket.connect(self.endpoint)
+        return socket
+
+    def fetch(self, sensor_id: str, after_seq: int, *,
+              limit: int = MAX_LIMIT) -> tuple[dict[str, Any], list[list[bytes]]] | None:
+        """One page: (header, [[topic, body], ...]); None on timeout (the server is away)."""
+        request = {"sensor_id": sensor_id, "after_seq": after_seq, "limit": limit}
+        self._socket.send(json.dumps(request).encode())
+        if not self._socket.poll(self.timeout_ms):
+            return None
+        frames = self._socket.recv_multipart()
+        try:
+            header = json.loads(frames[0])
+        except ValueError as err:
+            raise MessageError(f"catch-up reply from {self.endpoint} is not JSON") from err
+        if not header.get("ok"):
+            raise MessageError(f"catch-up from {self.endpoint} refused: {header.get('error')}")
+        pairs = [[frames[i], frames[i + 1]] for i in range(1, len(frames) - 1, 2)]
+        return header, pairs
+
+    def close(self) -> None:
+        self._socket.close()

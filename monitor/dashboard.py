@@ -1,0 +1,548 @@
+"""`audio-monitor dashboard`: a terminal view of one or more daemons, built from messages only.
+
+It subscribes to the daemons' ZeroMQ endpoints and never touches audio, DSP or the model:
+levels, the spectrogram (from the published 32-band log-mel frames), class scores, health
+and events are all drawn from the wire contract (`monitor/messages.py`). The state lives in
+`monitor.dashboard_state` (pure, testable with a fake clock); this module renders it with
+rich and runs the loop: one `zmq.Poller` waits on the socket and the keyboard, the screen
+is redrawn at `refresh_hz` (10 Hz) at most, and keys are read in cbreak mode with the
+terminal restored on every exit path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import termios
+import time
+import tty
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import zmq
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.layout import Layout
+from rich.live import Live
+from rich.segment import Segment
+from rich.style import Style
+from rich.table import Table
+from rich.text import Text
+
+from monitor.dashboard_state import DashboardState, LoggedEvent, SensorState
+from monitor.errors import ConfigError
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
+LEVEL_FLOOR_DB = -60.0
+"""Left end of the level meters; quieter input shows an empty bar."""
+MEL_RANGE = (-6.5, 2.5)
+"""Natural-log mel values mapped onto the shade ramp (what the front end produces for
+silence .. a loud close source); fixed, so a column keeps its look as it scrolls."""
+SHADES = " ░░▒▒▓▓██"
+COLOURS = ("grey15", "dark_blue", "blue", "purple", "magenta", "red", "dark_orange", "yellow",
+           "bright_white")
+_SHADE_STYLES = [Style(color=c) for c in COLOURS]
+HEALTH_STYLES = {
+    "RUNNING": "bold green", "LIVE": "bold green", "DEGRADED": "bold yellow",
+    "STALE": "bold black on yellow", "OFFLINE": "bold white on red", "STOPPED": "dim",
+}
+KEYS_HELP = "q quit  p pause  c class filter  s sensor filter  d/Enter detail/list  1-9 sensor"
+
+
+# -- pieces ------------------------------------------------------------------------------------
+
+
+def _ago(now: float, then: float | None) -> str:
+    return "-" if then is None else f"{max(0.0, now - then):.1f}s"
+
+
+def _bar(fraction: float, width: int, *, style: str, marker: float | None = None,
+         marker_style: str = "bold white") -> Text:
+    """A horizontal bar `width` cells wide, filled to `fraction`, with an optional marker."""
+    width = max(1, width)
+    filled = round(min(max(fraction, 0.0), 1.0) * width)
+    text = Text("█" * filled, style=style)
+    text.append("─" * (width - filled), style="grey35")
+    if marker is not None:
+        at = min(width - 1, max(0, round(marker * width)))
+        text = text[:at] + Text("┃", style=marker_style) + text[at + 1:]
+    return text
+
+
+def _level_fraction(dbfs: float | None) -> float:
+    return 0.0 if dbfs is None else (dbfs - LEVEL_FLOOR_DB) / -LEVEL_FLOOR_DB
+
+
+def _level_style(dbfs: float | None) -> str:
+    if dbfs is None or dbfs < -18:
+        return "green"
+    return "yellow" if dbfs < -6 else "red"
+
+
+def _db(value: float | None) -> str:
+    return "   -  " if value is None else f"{value:6.1f}"
+
+
+def level_meter(sensor: SensorState, width: int) -> Text:
+    """RMS bar with the held peak marked, then the numbers."""
+    numbers = (f" rms {_db(sensor.rms_dbfs)} dBFS  peak {_db(sensor.peak_dbfs)}"
+               f"  hold {_db(sensor.peak_hold_dbfs)}")
+    text = Text("level ", style="bold")
+    hold = sensor.peak_hold_dbfs
+    text.append_text(_bar(_level_fraction(sensor.rms_dbfs), width - len(numbers) - 6,
+                          style=_level_style(sensor.rms_dbfs),
+                          marker=None if hold is None else _level_fraction(hold)))
+    text.append(numbers)
+    return text
+
+
+class Spectrogram:
+    """The last published mel frames as shaded, coloured cells; newest column at the right,
+    low bands at the bottom. One column per `level` message, so it scrolls as audio flows."""
+
+    def __init__(self, frames: Sequence[list[float]], *, rows: int) -> None:
+        self.frames = frames
+        self.rows = rows
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        frames = list(self.frames)[-width:] if width > 0 else []
+        pad = width - len(frames)
+        if frames:
+            mel = np.asarray(frames, dtype=np.float64)
+            edges = np.linspace(0, mel.shape[1], self.rows + 1).astype(int)
+            bands = np.add.reduceat(mel, edges[:-1], axis=1) / np.diff(edges)
+            lo, hi = MEL_RANGE
+            scaled = np.clip((bands - lo) / (hi - lo) * len(SHADES), 0, len(SHADES) - 1)
+            levels = scaled.astype(np.int64).T[::-1]  # rows top (high bands) to bottom
+        for row in range(self.rows):
+            if pad:
+                yield Segment(" " * pad)
+            if frames:
+                yield from _runs(levels[row])
+            yield Segment.line()
+
+
+def _runs(levels: np.ndarray) -> Iterator[Segment]:
+    """Consecutive equal levels as one segment each (few segments, low CPU)."""
+    change = np.flatnonzero(np.diff(levels)) + 1
+    starts = np.concatenate(([0], change))
+    ends = np.concatenate((change, [levels.size]))
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        level = int(levels[start])
+        yield Segment(SHADES[level] * (end - start), _SHADE_STYLES[level])
+
+
+def score_lines(sensor: SensorState, width: int) -> list[Text]:
+    """One bar per class score, the event threshold marked with ┃."""
+    lines = []
+    for name, score, threshold in sensor.top:
+        above = threshold is not None and score >= threshold
+        tail = f" {score:4.2f}" + (f" thr {threshold:.2f}" if threshold is not None else "")
+        line = Text(f"{name[:14]:<14} ", style="bold red" if above else "")
+        line.append_text(_bar(score, width - 15 - len(tail) - 2,
+                              style="red" if above else "cyan", marker=threshold))
+        line.append(tail + (" ◀" if above else ""), style="bold red" if above else "")
+        lines.append(line)
+    return lines
+
+
+def anomaly_lines(sensor: SensorState, width: int) -> list[Text]:
+    lines = []
+    for machine in sorted(sensor.anomalies):
+        a = sensor.anomalies[machine]
+        above = a.threshold is not None and a.score >= a.threshold
+        tail = f" {a.score:4.2f}" + (f" thr {a.threshold:.2f}" if a.threshold is not None else "")
+        line = Text(f"{('⚙ ' + machine)[:14]:<14} ", style="bold red" if above else "")
+        line.append_text(_bar(a.score, width - 15 - len(tail) - 2,
+                              style="red" if above else "magenta", marker=a.threshold))
+        line.append(tail + (" ◀" if above else ""), style="bold red" if above else "")
+        lines.append(line)
+    return lines
+
+
+def health_label(state: DashboardState, sensor: SensorState, now: float) -> Text:
+    health = state.health(sensor, now=now)
+    return Text(f" {health} ", style=HEALTH_STYLES.get(health, ""))
+
+
+def health_line(state: DashboardState, sensor: SensorState, now: float) -> Text:
+    status = sensor.status
+    counters = status.counters if status is not None else {}
+    parts = [f"overruns {counters.get('overrun_samples', '-')}",
+             f"dropped {counters.get('publish_dropped', '-')}",
+             f"overflow {counters.get('input_overflow', '-')}",
+             f"reconnects {counters.get('reconnects', '-')}",
+             f"nonfinite {counters.get('nonfinite_samples', '-')}",
+             f"lost {sensor.lost}"]
+    if status is not None:
+        parts.append(f"infer {status.inference_ms_p50:.1f}/{status.inference_ms_max:.1f} ms")
+    text = Text("health ", style="bold")
+    text.append(" · ".join(parts))
+    problems = sensor.lost + sum(int(counters.get(k, 0)) for k in
+                                 ("overrun_samples", "publish_dropped", "input_overflow"))
+    if problems:
+        text.stylize("yellow", 7)
+    return text
+
+
+def sensor_title(state: DashboardState, sensor: SensorState, now: float) -> Text:
+    text = Text(sensor.sensor_id, style="bold reverse")
+    text.append(" ")
+    text.append_text(health_label(state, sensor, now))
+    text.append(f"  msg {_ago(now, sensor.last_message)} ago"
+                f" · heartbeat {_ago(now, sensor.last_status)} ago")
+    if sensor.status is not None:
+        text.append(f" · up {sensor.status.uptime_s:.0f}s · {sensor.status.source}", style="dim")
+    return text
+
+
+def detail_lines(state: DashboardState, sensor: SensorState, now: float, *, width: int,
+                 spec_rows: int) -> list[RenderableType]:
+    lines: list[RenderableType] = [sensor_title(state, sensor, now), level_meter(sensor, width),
+                                   Spectrogram(sensor.mel, rows=spec_rows)]
+    lines += score_lines(sensor, width)
+    lines += anomaly_lines(sensor, width)
+    lines.append(health_line(state, sensor, now))
+    if sensor.status is not None and sensor.status.last_error:
+        lines.append(Text(f"last error: {sensor.status.last_error}", style="yellow"))
+    for line in lines:  # one terminal row each: the layout counts on it
+        if isinstance(line, Text):
+            line.no_wrap, line.overflow = True, "ellipsis"
+    return lines
+
+
+def sensor_table(state: DashboardState, now: float, *, width: int,
+                 max_rows: int | None = None) -> Table:
+    """The many-sensors view: one line per sensor."""
+    sensors = state.visible_sensors()
+    table = Table(box=None, padding=(0, 1), expand=True, show_edge=False)
+    table.add_column("#", justify="right", style="dim", no_wrap=True)
+    table.add_column("sensor", no_wrap=True, overflow="ellipsis",
+                     width=min(20, max((len(s.sensor_id) for s in sensors), default=6)))
+    table.add_column("state", no_wrap=True, width=9)
+    table.add_column("level", no_wrap=True)
+    table.add_column("dBFS", justify="right", no_wrap=True, width=6)
+    table.add_column("top class", no_wrap=True, overflow="ellipsis", ratio=1)
+    table.add_column("last event", no_wrap=True, overflow="ellipsis", ratio=1)
+    table.add_column("heard", justify="right", no_wrap=True, width=6)
+    shown = sensors if max_rows is None or len(sensors) <= max_rows else sensors[:max_rows - 1]
+    bar_width = 10 if width < 100 else 16
+    for number, sensor in enumerate(shown, start=1):
+        top = ""
+        if sensor.top:
+            name, score, _ = sensor.top[0]
+            top = f"{name} {score:.2f}"
+        event = sensor.last_event
+        last = "" if event is None else (f"{event.label} {event.peak_score:.2f} "
+                                         f"{_clock(event.onset_time)}")
+        table.add_row(str(number), sensor.sensor_id, health_label(state, sensor, now),
+                      _bar(_level_fraction(sensor.rms_dbfs), bar_width,
+                           style=_level_style(sensor.rms_dbfs),
+                           marker=None if sensor.peak_hold_dbfs is None
+                           else _level_fraction(sensor.peak_hold_dbfs)),
+                      _db(sensor.rms_dbfs), top,
+                      Text(last, style="bold yellow" if event is not None
+                           and state.is_new(event, now=now) else ""),
+                      _ago(now, sensor.last_message))
+    if len(shown) < len(sensors):
+        table.add_row("", f"+{len(sensors) - len(shown)}", "more", "", "",
+                      "s: one sensor", "1-9: detail")
+    return table
+
+
+def event_table(state: DashboardState, now: float, *, max_rows: int | None = None) -> Table:
+    """Newest first; rows younger than `highlight_s` are marked ● and highlighted."""
+    table = Table(box=None, padding=(0, 1), expand=True, show_edge=False)
+    for name in ("", "time", "sensor", "class", "score", "duration"):
+        table.add_column(name, justify="right" if name in ("score", "duration") else "left",
+                         no_wrap=True, overflow="ellipsis",
+                         ratio=1 if name in ("sensor", "class") else None)
+    events = state.visible_events()
+    if max_rows is not None:
+        events = events[:max(0, max_rows)]
+    for event in events:
+        new = state.is_new(event, now=now)
+        table.add_row(*_event_cells(event, new=new),
+                      style="bold black on yellow" if new else None)
+    return table
+
+
+def _clock(unix_time: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(unix_time))
+
+
+def _event_cells(event: LoggedEvent, *, new: bool) -> list[str]:
+    clock = _clock(event.onset_time)
+    duration = "ongoing" if event.duration_s is None else f"{event.duration_s:.2f}s"
+    return ["●" if new else " ", clock, event.sensor_id, event.label,
+            f"{event.peak_score:.2f}", duration]
+
+
+def header(state: DashboardState, now: float, endpoints: Sequence[str]) -> Text:
+    counts: dict[str, int] = {}
+    for sensor in state.sensors.values():
+        health = state.health(sensor, now=now)
+        counts[health] = counts.get(health, 0) + 1
+    text = Text("audio-monitor dashboard", style="bold cyan")
+    text.append(f"  {len(state.sensors)} sensor(s)")
+    for health in sorted(counts):
+        text.append(" ")
+        text.append(f"{counts[health]} {health.lower()}", style=HEALTH_STYLES.get(health, ""))
+    text.append(f"  msgs {state.received}")
+    if state.decode_errors:
+        text.append(f"  bad {state.decode_errors}", style="yellow")
+    if state.class_filter or state.sensor_filter:
+        text.append(f"  filter class={state.class_filter or '*'} sensor="
+                    f"{state.sensor_filter or '*'}", style="bold magenta")
+    if state.paused:
+        text.append("  PAUSED", style="bold black on white")
+    text.append("  " + " ".join(endpoints), style="dim")
+    return text
+
+
+def events_title(state: DashboardState) -> Text:
+    text = Text("events", style="bold")
+    text.append(" newest first", style="dim")
+    if state.class_filter or state.sensor_filter:
+        text.append(f" (class={state.class_filter or '*'}, sensor={state.sensor_filter or '*'})",
+                    style="magenta")
+    return text
+
+
+# -- whole views ---------------------------------------------------------------------------------
+
+
+def _one_row(text: Text) -> Text:
+    text.no_wrap, text.overflow = True, "ellipsis"
+    return text
+
+
+def render_screen(state: DashboardState, now: float, endpoints: Sequence[str], *, width: int,
+                  height: int) -> Layout:
+    """The live view, sized to the terminal: header, sensors, events, keys."""
+    layout = Layout()
+    body_height = max(3, height - 2)
+    detail = state.detail_sensor() if state.show_detail() else None
+    if detail is not None:
+        fixed = 4 + len(detail.top) + len(detail.anomalies) + (
+            1 if detail.status is not None and detail.status.last_error else 0)
+        spec_rows = max(2, min(8, body_height - fixed - 6))
+        upper: RenderableType = Group(*detail_lines(state, detail, now, width=width,
+                                                    spec_rows=spec_rows))
+        upper_height = min(body_height - 2, fixed + spec_rows - 1)
+    else:
+        rows = max(2, min(len(state.visible_sensors()) + 1, body_height * 2 // 3))
+        upper = (sensor_table(state, now, width=width, max_rows=rows - 1) if state.sensors
+                 else Text(f"waiting for messages from {', '.join(endpoints)} …", style="dim"))
+        upper_height = rows
+    events_height = max(1, body_height - upper_height)
+    layout.split_column(
+        Layout(_one_row(header(state, now, endpoints)), name="header", size=1),
+        Layout(upper, name="sensors", size=upper_height),
+        Layout(Group(_one_row(events_title(state)), event_table(state, now, max_rows=events_height - 2)),
+               name="events", size=events_height),
+        Layout(_one_row(Text(KEYS_HELP, style="dim")), name="keys", size=1),
+    )
+    return layout
+
+
+def render_snapshot(state: DashboardState, now: float, endpoints: Sequence[str], *,
+                    width: int, max_events: int = 50) -> Group:
+    """The `--once` view: every sensor and the event log at their natural height."""
+    parts: list[RenderableType] = [header(state, now, endpoints)]
+    if not state.sensors:
+        parts.append(Text(f"no messages from {', '.join(endpoints)}"))
+    elif state.show_detail() or len(state.sensors) <= 3:
+        for sensor in state.visible_sensors():
+            parts += detail_lines(state, sensor, now, width=width, spec_rows=8)
+    else:
+        parts.append(sensor_table(state, now, width=width))
+    parts += [events_title(state), event_table(state, now, max_rows=max_events)]
+    return Group(*parts)
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+class _Keys:
+    """Single key presses from a terminal in cbreak mode; restores the terminal on exit."""
+
+    def __init__(self, stream: object) -> None:
+        fileno = getattr(stream, "fileno", None)
+        try:
+            fd = fileno() if callable(fileno) else None
+        except (OSError, ValueError):
+            fd = None
+        self.fd = fd if fd is not None and os.isatty(fd) else None
+        self._saved: list[Any] | None = None
+
+    def __enter__(self) -> _Keys:
+        if self.fd is not None:
+            self._saved = termios.tcgetattr(self.fd)
+            tty.setcbreak(self.fd)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        if self.fd is not None and self._saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+
+    def read(self) -> str:
+        if self.fd is None:
+            return ""
+        data = os.read(self.fd, 64).decode("utf-8", "replace")
+        return "" if data.startswith("\x1b") else data  # arrows and other sequences: ignored
+
+
+def handle_key(state: DashboardState, key: str) -> bool:
+    """Apply one key press; False means quit."""
+    if key in "qQ":
+        return False
+    if key == "p":
+        state.toggle_pause()
+    elif key == "c":
+        state.cycle_class_filter()
+    elif key == "s":
+        state.cycle_sensor_filter()
+    elif key in ("d", "\r", "\n"):
+        state.toggle_detail()
+    elif key.isdigit() and key != "0":
+        state.select_sensor(int(key))
+    return True
+
+
+def _subscribe(endpoints: Sequence[str]) -> zmq.Socket[bytes]:
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    socket = context.socket(zmq.SUB)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVHWM, 10000)
+    socket.setsockopt_string(zmq.SUBSCRIBE, "")
+    for endpoint in endpoints:
+        try:
+            socket.connect(endpoint)
+        except zmq.ZMQError as err:
+            socket.close()
+            raise ConfigError(f"endpoint {endpoint!r} is not a ZeroMQ endpoint "
+                              f"(e.g. {DEFAULT_ENDPOINT}, ipc:///run/x.sock): {err}") from err
+    return socket
+
+
+def _drain(socket: zmq.Socket[bytes], state: DashboardState, *, now: float,
+           budget: int = 5000) -> int:
+    """Apply every queued message (at most `budget`, so a flood cannot starve the screen)."""
+    count = 0
+    while count < budget:
+        try:
+            frames = socket.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            break
+        state.ingest(frames, now=now)
+        count += 1
+    return count
+
+
+def dashboard_command(endpoints: Sequence[str], *, once: bool = False, once_wait_s: float = 2.0,
+                      stale_s: float = 15.0, offline_s: float = 60.0, refresh_hz: float = 10.0,
+                      highlight_s: float = 5.0) -> int:
+    """Run the dashboard; returns the exit status (0; 1 when `--once` heard nothing)."""
+    endpoints = list(endpoints) or [DEFAULT_ENDPOINT]
+    if not 0 < stale_s < offline_s:
+        raise ConfigError(f"--stale {stale_s} must be > 0 and below --offline {offline_s}")
+    if not 0 < refresh_hz <= 60:
+        raise ConfigError(f"--refresh {refresh_hz} Hz is out of range; allowed 0 < Hz <= 60")
+    state = DashboardState(stale_s=stale_s, offline_s=offline_s, highlight_s=highlight_s)
+    socket = _subscribe(endpoints)
+    try:
+        if once:
+            return _run_once(socket, state, endpoints, wait_s=once_wait_s)
+        return _run_live(socket, state, endpoints, period_s=1.0 / refresh_hz)
+    finally:
+        socket.close()
+
+
+def _run_once(socket: zmq.Socket[bytes], state: DashboardState, endpoints: Sequence[str], *,
+              wait_s: float) -> int:
+    deadline = time.monotonic() + wait_s
+    while (left := deadline - time.monotonic()) > 0:
+        if socket.poll(int(left * 1000) + 1):
+            _drain(socket, state, now=time.monotonic())
+    console = Console()
+    console.print(render_snapshot(state, time.monotonic(), endpoints, width=console.width))
+    if not state.sensors:
+        print(f"audio-monitor: no messages from {', '.join(endpoints)} in {wait_s} s",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_live(socket: zmq.Socket[bytes], state: DashboardState, endpoints: Sequence[str], *,
+              period_s: float) -> int:
+    console = Console()
+    poller = zmq.Poller()
+    poller.register(socket, zmq.POLLIN)
+    keys = _Keys(sys.stdin)
+    if keys.fd is not None:
+        poller.register(keys.fd, zmq.POLLIN)
+    next_draw = 0.0
+    size = console.size
+    try:
+        with keys, Live(console=console, screen=True, auto_refresh=False,
+                        redirect_stdout=False, redirect_stderr=False) as live:
+            while True:
+                ready = dict(poller.poll(max(0, int((next_draw - time.monotonic()) * 1000))))
+                now = time.monotonic()
+                if socket in ready:
+                    _drain(socket, state, now=now)
+                pressed = False
+                if keys.fd is not None and keys.fd in ready:
+                    for key in keys.read():
+                        if not handle_key(state, key):
+                            return 0
+                        pressed = True
+                resized = console.size != size
+                if now < next_draw and not pressed and not resized:
+                    continue
+                size = console.size
+                if not state.paused or pressed or resized:
+                    live.update(render_screen(state, now, endpoints, width=size.width,
+                                              height=size.height), refresh=True)
+                next_draw = now + period_s
+    except KeyboardInterrupt:
+        return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `dashboard` options (shared by `audio-monitor dashboard` and this module's main)."""
+    parser.add_argument("endpoints", nargs="*", metavar="ENDPOINT",
+                        help=f"daemon endpoint(s) to subscribe to (default {DEFAULT_ENDPOINT})")
+    parser.add_argument("--once", action="store_true",
+                        help="collect for --once-wait seconds, print one snapshot, exit")
+    parser.add_argument("--once-wait", type=float, default=2.0, metavar="SECONDS",
+                        help="how long --once collects messages (default 2.0)")
+    parser.add_argument("--stale", type=float, default=15.0, metavar="SECONDS",
+                        help="a sensor silent this long shows STALE (default 15: 3 heartbeats)")
+    parser.add_argument("--offline", type=float, default=60.0, metavar="SECONDS",
+                        help="a sensor silent this long shows OFFLINE (default 60)")
+    parser.add_argument("--refresh", type=float, default=10.0, metavar="HZ",
+                        help="screen refreshes per second at most (default 10)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="audio-monitor dashboard",
+                                     description="Live terminal view of audio-monitor daemons.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return dashboard_command(args.endpoints, once=args.once, once_wait_s=args.once_wait,
+                                 stale_s=args.stale, offline_s=args.offline,
+                                 refresh_hz=args.refresh)
+    except ConfigError as err:
+        print(f"audio-monitor: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

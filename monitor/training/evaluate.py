@@ -1,0 +1,321 @@
+"""Held-out evaluation of `events.onnx` through the live chain (`analyze_file`), and a report.
+
+Everything is measured on the test split (SAFE folds 7-8, hashed cough/glass files) that
+neither training nor threshold choice saw:
+- clip level: a clip is positive for a class when the live chain raises that event in it
+  (clips get 0.5 s of silence either side, as in training, so a short clip fills a window);
+- false alarms per hour: held-out `other` clips (everyday indoor sounds, background)
+  concatenated into one stream;
+- onset error: held-out events mixed into that stream at known times (true onset: first
+  10 ms frame within 20 dB of the clip's loudest);
+- inference time of one window on one thread, through `Detector.score`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+from monitor.analyze import FileEvent, analyze_file
+from monitor.config import load_config
+from monitor.detector import Detector
+from monitor.errors import MonitorError
+from monitor.training.compose import CARD_FILE, EVENTS_FILE, HEAD_FILE, head_arrays
+from monitor.training.dataset import (
+    CLASSES,
+    EVENT_CLASSES,
+    SAMPLE_RATE,
+    Clip,
+    load_audio,
+    pad,
+    read_clips,
+)
+from monitor.training.features import PAD_S, class_index, extract
+from monitor.training.train import EVAL_HOP_FRAMES, clip_max, head_probs, pr_curve
+from monitor.yamnet import MODEL_FILE
+
+logger = logging.getLogger(__name__)
+
+ONSET_GAP_S = 6.0
+"""Spacing of mixed-in events in the onset stream."""
+ONSET_PER_CLASS = 40
+ONSET_MATCH_S = (-1.0, 2.0)
+"""A detection counts for an inserted event if it starts this close to its true onset."""
+_FRAME = SAMPLE_RATE // 100
+
+
+@dataclass
+class Evaluation:
+    """Everything the report shows."""
+
+    metrics: dict[str, Any]
+    clip_scores: np.ndarray
+    """(n_test, C) highest window probability per class (offline, 100 ms hop)."""
+    test_cls: np.ndarray
+    confusion: np.ndarray
+    """(C, C+1) rows: true class; columns: first event's class, last column: no event."""
+    stream: np.ndarray
+    stream_events: list[FileEvent]
+    true_onsets: list[tuple[str, float]]
+
+
+def true_onset_s(x: np.ndarray) -> float:
+    """First 10 ms frame whose energy is within 20 dB of the loudest frame's."""
+    n = len(x) // _FRAME
+    if n == 0:
+        return 0.0
+    energy = np.mean(np.square(x[: n * _FRAME].reshape(n, _FRAME), dtype=np.float64), axis=1)
+    return float(np.flatnonzero(energy >= energy.max() * 0.01)[0] * _FRAME / SAMPLE_RATE)
+
+
+def _run(detector: Detector, config: Any, audio: np.ndarray, tmp: Path) -> list[FileEvent]:
+    path = tmp / "clip.wav"
+    sf.write(str(path), audio, SAMPLE_RATE, subtype="FLOAT")
+    events, error = analyze_file(path, config=config, detector=detector)
+    if error is not None:
+        raise MonitorError(error)
+    return events
+
+
+def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+    p = tp / max(tp + fp, 1)
+    r = tp / max(tp + fn, 1)
+    return {"precision": round(p, 4), "recall": round(r, 4),
+            "f1": round(2 * p * r / max(p + r, 1e-12), 4), "tp": tp, "fp": fp, "fn": fn}
+
+
+def evaluate(data_dir: Path, models_dir: Path, *, cache_dir: Path | None = None) -> Evaluation:
+    """Run every held-out measurement (module docstring)."""
+    model_path = models_dir / EVENTS_FILE
+    config = load_config(None, overrides={"model.path": str(model_path.resolve())})
+    detector = Detector(model_path, threads=1)
+    params = detector.card.frontend
+    clips = read_clips(data_dir)
+    test = [c for c in clips if c.split == "test"]
+    test_cls = class_index(test)
+    cache = cache_dir if cache_dir is not None else models_dir.parent / ".cache" / "events"
+
+    windows = extract(test, yamnet_path=models_dir / MODEL_FILE, cache_dir=cache, params=params,
+                      hop_frames=EVAL_HOP_FRAMES)
+    scores = clip_max(head_probs(head_arrays(models_dir / HEAD_FILE), windows.emb), windows.clip,
+                      len(test))
+
+    t0 = time.perf_counter()
+    confusion = np.zeros((len(CLASSES), len(CLASSES) + 1), np.int64)
+    found: list[set[str]] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for clip, c in zip(test, test_cls, strict=True):
+            events = _run(detector, config, pad(load_audio(clip.path), seconds=PAD_S), tmp)
+            labels = {e.label for e in events}
+            found.append(labels)
+            first = min(events, key=lambda e: e.start_s).label if events else None
+            confusion[c, CLASSES.index(first) if first else len(CLASSES)] += 1
+        clip_metrics = {}
+        for k, name in enumerate(EVENT_CLASSES):
+            hit = np.array([name in f for f in found])
+            positive = test_cls == k
+            clip_metrics[name] = _prf(int(np.sum(hit & positive)), int(np.sum(hit & ~positive)),
+                                      int(np.sum(~hit & positive)))
+            clip_metrics[name]["clips"] = int(positive.sum())
+        t_clips = time.perf_counter() - t0
+
+        others = [c for c in test if c.cls == "other"]
+        background = np.concatenate([load_audio(c.path) for c in others])
+        hours = len(background) / SAMPLE_RATE / 3600.0
+        bg_events = _run(detector, config, background, tmp)
+        fa = {name: round(sum(e.label == name for e in bg_events) / hours, 2)
+              for name in EVENT_CLASSES}
+
+        stream, onsets = _onset_stream(test, background)
+        stream_events = _run(detector, config, stream, tmp)
+    onset = _onset_errors(onsets, stream_events)
+
+    latency = _latency(detector)
+    metrics = {
+        "split": "test: SAFE folds 7-8; cough/glass files with sha256(name) % 10 in {0, 1}",
+        "chain": "monitor.analyze.analyze_file, stride 100 ms, card thresholds, default events",
+        "clip_level": clip_metrics,
+        "false_alarms_per_hour": fa | {"stream_hours": round(hours, 4),
+                                       "stream": "held-out non_fall + background clips"},
+        "onset": onset,
+        "inference_ms_1_thread": latency,
+        "analyze_seconds": round(t_clips, 1),
+    }
+    return Evaluation(metrics, scores, test_cls, confusion, stream, stream_events,
+                      onsets)
+
+
+def _onset_stream(test: list[Clip], background: np.ndarray) -> tuple[np.ndarray,
+                                                                     list[tuple[str, float]]]:
+    """Held-out events added into the looped background every ONSET_GAP_S, at their level."""
+    chosen: list[Clip] = []
+    for name in EVENT_CLASSES:
+        chosen += [c for c in test if c.cls == name][:ONSET_PER_CLASS]
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(chosen))
+    gap = int(ONSET_GAP_S * SAMPLE_RATE)
+    total = gap * (len(chosen) + 1)
+    stream = np.tile(background, -(-total // len(background)))[:total].astype(np.float32)
+    onsets = []
+    for slot, i in enumerate(order):
+        clip = chosen[i]
+        x = load_audio(clip.path, max_s=ONSET_GAP_S - 1.0)
+        start = gap * (slot + 1) - gap // 2 + int(rng.integers(-SAMPLE_RATE, SAMPLE_RATE))
+        stream[start:start + len(x)] += x
+        onsets.append((clip.cls, (start / SAMPLE_RATE) + true_onset_s(x)))
+    np.clip(stream, -1.0, 1.0, out=stream)
+    return stream, onsets
+
+
+def _onset_errors(onsets: list[tuple[str, float]],
+                  events: list[FileEvent]) -> dict[str, Any]:
+    errors: dict[str, list[float]] = {name: [] for name in EVENT_CLASSES}
+    for name, t in onsets:
+        near = [e.start_s - t for e in events if e.label == name
+                and ONSET_MATCH_S[0] <= e.start_s - t <= ONSET_MATCH_S[1]]
+        if near:
+            errors[name].append(min(near, key=abs))
+    out: dict[str, Any] = {"method": (f"held-out events added into the held-out background "
+                                      f"every {ONSET_GAP_S:g} s; true onset = first 10 ms "
+                                      "frame within 20 dB of the clip's peak")}
+    for name in EVENT_CLASSES:
+        e = np.abs(np.array(errors[name]))
+        n = sum(1 for c, _ in onsets if c == name)
+        out[name] = {"inserted": n, "detected": int(e.size),
+                     "median_abs_s": round(float(np.median(e)), 3) if e.size else None,
+                     "p90_abs_s": round(float(np.percentile(e, 90)), 3) if e.size else None,
+                     "median_signed_s": round(float(np.median(errors[name])), 3)
+                     if e.size else None}
+    return out
+
+
+def _latency(detector: Detector, n: int = 300) -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    detector.reset()
+    for frame in rng.normal(-4.0, 1.0, (detector.window_frames, 64)).astype(np.float32):
+        detector.push(frame)
+    times = np.zeros(n)
+    for i in range(n + 10):
+        t = time.perf_counter()
+        detector.score()
+        if i >= 10:
+            times[i - 10] = (time.perf_counter() - t) * 1000.0
+    return {"median": round(float(np.median(times)), 3),
+            "p99": round(float(np.percentile(times, 99)), 3)}
+
+
+def write_report(ev: Evaluation, report_dir: Path, *, params: Any) -> list[Path]:
+    """metrics.json, PNG plots (when matplotlib is installed) and index.html."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    written = [report_dir / "metrics.json"]
+    written[0].write_text(json.dumps(ev.metrics, indent=2) + "\n", encoding="utf-8")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: report without plots")
+    else:
+        from monitor.frontend import logmel_of
+
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for k, name in enumerate(EVENT_CLASSES):
+            _, p, r = pr_curve(ev.clip_scores[:, k], ev.test_cls == k)
+            ax.plot(r, p, label=name)
+        ax.set(xlabel="recall", ylabel="precision", title="held-out clips (window max)",
+               ylim=(0, 1.02))
+        ax.legend()
+        fig.tight_layout()
+        written.append(report_dir / "pr_curves.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        ax.imshow(ev.confusion, cmap="Blues")
+        ax.set_xticks(range(len(CLASSES) + 1), [*CLASSES, "none"])
+        ax.set_yticks(range(len(CLASSES)), CLASSES)
+        for (i, j), v in np.ndenumerate(ev.confusion):
+            ax.text(j, i, str(v), ha="center", va="center")
+        ax.set(xlabel="first event (live chain)", ylabel="true class", title="held-out clips")
+        fig.tight_layout()
+        written.append(report_dir / "confusion.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+
+        seg = (ONSET_GAP_S * 0.5, ONSET_GAP_S * 5.5)
+        x = ev.stream[int(seg[0] * SAMPLE_RATE):int(seg[1] * SAMPLE_RATE)]
+        mel = logmel_of(x, params)
+        fig, ax = plt.subplots(figsize=(11, 3.5))
+        ax.imshow(mel.T, origin="lower", aspect="auto", cmap="magma",
+                  extent=(seg[0], seg[1], 0, mel.shape[1]))
+        colors = dict(zip(EVENT_CLASSES, ("cyan", "lime", "yellow"), strict=True))
+        for name, t in ev.true_onsets:
+            if seg[0] <= t <= seg[1]:
+                ax.axvline(t, color="white", ls="--", lw=1)
+                ax.text(t, mel.shape[1] - 6, name, color="white", fontsize=8)
+        for e in ev.stream_events:
+            if seg[0] <= e.start_s <= seg[1]:
+                ax.axvspan(e.start_s, min(e.end_s, seg[1]), color=colors[e.label], alpha=0.3)
+                ax.text(e.start_s, 3, f"{e.label} {e.score:.2f}", color=colors[e.label],
+                        fontsize=8)
+        ax.set(xlabel="s", ylabel="mel band",
+               title="onset stream: true onsets (dashed) and live detections (shaded)")
+        fig.tight_layout()
+        written.append(report_dir / "spectrogram.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    images = "".join(f'<p><img src="{p.name}"></p>' for p in written if p.suffix == ".png")
+    page = (f"<html><head><meta charset='utf-8'><title>events model report</title></head>"
+            f"<body><h1>events model: held-out evaluation</h1>"
+            f"<pre>{html.escape(format_table(ev.metrics))}</pre>{images}"
+            f"<pre>{html.escape(json.dumps(ev.metrics, indent=2))}</pre></body></html>")
+    written.append(report_dir / "index.html")
+    written[-1].write_text(page, encoding="utf-8")
+    return written
+
+
+def format_table(m: dict[str, Any]) -> str:
+    """The headline numbers as a fixed-width table."""
+    lines = ["class        clips  prec   recall  F1     FA/h    onset med/p90 s  (detected)"]
+    for name in EVENT_CLASSES:
+        c, o = m["clip_level"][name], m["onset"][name]
+        med, p90 = o["median_abs_s"], o["p90_abs_s"]
+        lines.append(f"{name:<12} {c['clips']:>5}  {c['precision']:.3f}  {c['recall']:.3f}   "
+                     f"{c['f1']:.3f}  {m['false_alarms_per_hour'][name]:>6.1f}  "
+                     f"{med if med is not None else '-'}/{p90 if p90 is not None else '-'}"
+                     f"  ({o['detected']}/{o['inserted']})")
+    lat = m["inference_ms_1_thread"]
+    lines.append(f"inference per window, 1 thread: median {lat['median']} ms, "
+                 f"p99 {lat['p99']} ms; FA stream {m['false_alarms_per_hour']['stream_hours']} h")
+    return "\n".join(lines)
+
+
+def evaluate_command(data_dir: Path, models_dir: Path, report_dir: Path) -> int:
+    """CLI entry for `audio-monitor evaluate`: prints the table, writes the report and the
+    card's `metrics`; 0 on success, 2 with a one-line error."""
+    try:
+        ev = evaluate(data_dir, models_dir)
+        card_path = models_dir / CARD_FILE
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        card["metrics"] = ev.metrics
+        card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        written = write_report(ev, report_dir,
+                               params=Detector(models_dir / EVENTS_FILE).card.frontend)
+    except (MonitorError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(ev.metrics))
+    print(f"report: {written[-1]}")
+    return 0

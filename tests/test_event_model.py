@@ -1,0 +1,157 @@
+"""The trained event model: composition, card, and regression on held-out real clips.
+
+Needs `models/yamnet.onnx` (`audio-monitor fetch-models`) for composition and
+`models/events.onnx` plus ../shared/data for the live-chain regressions; each test skips,
+saying which, when its input is absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monitor.analyze import analyze_file
+from monitor.config import load_config
+from monitor.detector import Detector
+from monitor.errors import ModelError
+from monitor.training.compose import (
+    CARD_FILE,
+    EVENTS_FILE,
+    HEAD_FILE,
+    compose_events_model,
+    head_arrays,
+)
+from monitor.training.dataset import CLASSES, read_clips, split_of
+from monitor.training.features import Windows
+from monitor.training.train import choose_threshold, head_probs, pick_windows
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "models"
+EVENTS = MODELS / EVENTS_FILE
+
+need_yamnet = pytest.mark.skipif(not (MODELS / "yamnet.onnx").is_file(),
+                                 reason="models/yamnet.onnx absent: run `audio-monitor "
+                                        "fetch-models`")
+need_events = pytest.mark.skipif(not EVENTS.is_file(),
+                                 reason="models/events.onnx absent: run `audio-monitor "
+                                        "fetch-models`")
+
+
+def test_splits_are_by_fold_and_by_file_name() -> None:
+    assert split_of("safe/fall/x.flac", "3") == "train"
+    assert split_of("safe/fall/x.flac", "6") == "val"
+    assert split_of("safe/non_fall/y.flac", "8") == "test"
+    names = [f"cough/{i:04d}.flac" for i in range(2000)]
+    splits = [split_of(n, "") for n in names]
+    assert splits == [split_of(n, "") for n in names]  # deterministic
+    assert split_of("a/b/0001.flac", "") == split_of("other/0001.flac", "")  # by name only
+    share = {s: splits.count(s) / len(splits) for s in ("train", "val", "test")}
+    assert 0.15 < share["test"] < 0.25 and 0.05 < share["val"] < 0.15
+
+
+def test_threshold_is_the_highest_recall_at_target_precision() -> None:
+    scores = np.array([0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    positive = np.array([True, True, True, False, True, False, False])
+    # >= 0.6: 4 tp, 1 fp -> precision 0.8; >= 0.8: 3/3
+    assert choose_threshold(scores, positive, target=0.9) == 0.8
+    assert choose_threshold(scores, positive, target=0.8) == 0.6
+    assert choose_threshold(scores, ~positive, target=0.99) == 0.999  # unreachable
+
+
+def test_multiple_instance_picks_event_windows_of_positive_clips_only() -> None:
+    # clip 0: fall with 6 windows, loudest are 2 and 3; clip 1: `other` with 3 windows
+    clip = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1])
+    energy = np.array([-9, -9, -1, -2, -8, -9, -5, -5, -5], np.float32)
+    w = Windows(np.zeros((9, 1024), np.float32), energy, clip, np.arange(9) * 24)
+    clip_cls = np.array([CLASSES.index("fall"), CLASSES.index("other")])
+    assert pick_windows(w, clip_cls, probs=None).tolist() == [2, 3, 6, 7, 8]
+    probs = np.zeros((9, len(CLASSES)))
+    probs[4, CLASSES.index("fall")] = 0.7
+    probs[5, CLASSES.index("fall")] = 0.2
+    assert pick_windows(w, clip_cls, probs=probs).tolist() == [4, 6, 7, 8]
+
+
+@need_yamnet
+def test_compose_is_deterministic_and_matches_the_card(tmp_path: Path) -> None:
+    card = json.loads((MODELS / CARD_FILE).read_text())
+    for name in ("yamnet.onnx", "yamnet.json", HEAD_FILE, CARD_FILE):
+        shutil.copy(MODELS / name, tmp_path / name)
+    built = compose_events_model(tmp_path)
+    assert hashlib.sha256(built.read_bytes()).hexdigest() == card["sha256"]
+    built.unlink()
+    again = compose_events_model(tmp_path)
+    assert hashlib.sha256(again.read_bytes()).hexdigest() == card["sha256"]
+
+
+@need_yamnet
+def test_compose_rejects_a_head_that_does_not_match_the_card(tmp_path: Path) -> None:
+    for name in ("yamnet.onnx", "yamnet.json", CARD_FILE):
+        shutil.copy(MODELS / name, tmp_path / name)
+    head = head_arrays(MODELS / HEAD_FILE)
+    head["b1"] = head["b1"] + np.float32(0.5)
+    np.savez(tmp_path / HEAD_FILE, w1=head["w1"], b1=head["b1"])
+    with pytest.raises(ModelError, match="sha256"):
+        compose_events_model(tmp_path)
+    np.savez(tmp_path / HEAD_FILE, w1=head["w1"][:10], b1=head["b1"])
+    with pytest.raises(ModelError, match="w1"):
+        compose_events_model(tmp_path, check=False)
+
+
+@need_events
+def test_card_loads_in_detector_and_graph_equals_numpy_head() -> None:
+    from monitor.training.features import Embedder
+
+    det = Detector(EVENTS)
+    assert det.classes == CLASSES
+    assert set(det.card.thresholds) == {"cough", "fall", "glass_break"}
+    rng = np.random.default_rng(0)
+    windows = rng.normal(-4.0, 1.5, (5, 96, 64)).astype(np.float32)
+    emb = Embedder(MODELS / "yamnet.onnx", threads=1).embed(windows)
+    expected = head_probs(head_arrays(MODELS / HEAD_FILE), emb)
+    for window, want in zip(windows, expected, strict=True):
+        det.reset()
+        for frame in window:
+            det.push(frame)
+        got = det.score()
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        assert abs(float(got.sum()) - 1.0) < 1e-4
+
+
+def _held_out(data: Path, label: str, n: int, *, min_s: float = 0.0) -> list[Path]:
+    clips = [c for c in read_clips(data)
+             if c.split == "test" and c.label == label and c.duration_s >= min_s]
+    return [c.path for c in clips[:n]]
+
+
+def _labels_found(paths: list[Path]) -> list[set[str]]:
+    config = load_config(None, overrides={"model.path": str(EVENTS)})
+    det = Detector(EVENTS)
+    found = []
+    for path in paths:
+        events, error = analyze_file(path, config=config, detector=det)
+        assert error is None
+        found.append({e.label for e in events})
+    return found
+
+
+@need_events
+def test_live_chain_finds_falls_in_held_out_fall_clips(shared_data: Path) -> None:
+    found = _labels_found(_held_out(shared_data, "fall", 8))
+    assert sum("fall" in f for f in found) >= 6, found
+
+
+@need_events
+def test_live_chain_finds_coughs_in_held_out_cough_clips(shared_data: Path) -> None:
+    found = _labels_found(_held_out(shared_data, "cough", 8, min_s=1.5))
+    assert sum("cough" in f for f in found) >= 7, found
+
+
+@need_events
+def test_live_chain_reports_no_fall_in_held_out_everyday_sounds(shared_data: Path) -> None:
+    found = _labels_found(_held_out(shared_data, "non_fall", 8))
+    assert sum("fall" in f for f in found) <= 1, found
