@@ -89,6 +89,32 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--models-dir", type=Path, default=None)
     fetch.set_defaults(handler=_cmd_fetch_models)
 
+    alert = sub.add_parser("alert", help="act on events exactly once: rules -> log, webhook, "
+                                         "command, publish (see alert.yaml)")
+    alert.add_argument("--config", type=Path, default=Path("alert.yaml"))
+    alert.add_argument("--log-level", default="INFO")
+    alert.set_defaults(handler=_cmd_alert)
+
+    ack = sub.add_parser("ack", help="acknowledge an event: its escalations are cancelled")
+    ack.add_argument("event_id")
+    ack.add_argument("--config", type=Path, default=Path("alert.yaml"),
+                     help="alert config naming ack_endpoint")
+    ack.add_argument("--endpoint", help="ack endpoint (overrides the config)")
+    ack.add_argument("--by", default="", help="who acknowledges (recorded)")
+    ack.set_defaults(handler=_cmd_ack)
+
+    proxy = sub.add_parser("proxy", help="one bus for a fleet: XSUB/XPUB proxy and catch-up "
+                                         "router (see docs/alerting.md)")
+    proxy.add_argument("--config", type=Path, default=Path("fleet.yaml"))
+    proxy.add_argument("--log-level", default="INFO")
+    proxy.set_defaults(handler=_cmd_proxy)
+
+    keys = sub.add_parser("keys", help="create a CURVE key pair (NAME.key, NAME.key_secret)")
+    keys.add_argument("name")
+    keys.add_argument("--dir", type=Path, default=Path("keys"))
+    keys.add_argument("--force", action="store_true", help="overwrite existing files")
+    keys.set_defaults(handler=_cmd_keys)
+
     train = sub.add_parser("train", help="train the event model's head from real recordings")
     train.add_argument("--data", type=Path, default=DATA_DIR, help="labelled recordings")
     train.add_argument("--models-dir", type=Path, default=MODELS_DIR)
@@ -301,6 +327,59 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from monitor.training.evaluate import evaluate_command
 
     return evaluate_command(args.data, args.models_dir, args.report)
+
+
+def _serve_until_signal(level: str) -> threading.Event:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def _cmd_alert(args: argparse.Namespace) -> int:
+    from monitor.alert import AlertDaemon, load_alert_config
+
+    config = load_alert_config(args.config)
+    stop = _serve_until_signal(args.log_level)
+    AlertDaemon(config).run(stop)
+    return 0
+
+
+def _cmd_ack(args: argparse.Namespace) -> int:
+    from monitor.alert import load_alert_config, send_ack
+
+    endpoint = args.endpoint or load_alert_config(args.config).ack_endpoint
+    if endpoint is None:
+        raise MonitorError(f"ack: {args.config} sets no ack_endpoint; pass --endpoint")
+    print(json.dumps(send_ack(endpoint, args.event_id, by=args.by)))
+    return 0
+
+
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    from monitor.proxy import Proxy, describe, load_proxy_config
+
+    config = load_proxy_config(args.config)
+    stop = _serve_until_signal(args.log_level)
+    proxy = Proxy(config)
+    proxy.start()
+    logger.info("proxy running: %s", describe(config))
+    print(json.dumps({"publish": proxy.publish_endpoint, "catchup": proxy.catchup_endpoint}),
+          flush=True)
+    try:
+        stop.wait()
+    finally:
+        proxy.stop()
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from monitor.keys import write_keypair
+
+    public, secret = write_keypair(args.dir, args.name, overwrite=args.force)
+    print(f"{public}\n{secret}")
+    return 0
 
 
 if __name__ == "__main__":

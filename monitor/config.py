@@ -202,6 +202,7 @@ def load_config(path: Path | None, *, overrides: dict[str, Any] | None = None) -
             node = node.setdefault(key, {})
         node[leaf] = value
     config = _build(Config, data, "")
+    config = _fill_event_defaults(config)
     _check_cross_fields(config)
     model_path = config.model.path if config.model.path.is_absolute() else base / config.model.path
     state_dir = config.state_dir.expanduser()
@@ -219,6 +220,17 @@ def load_config(path: Path | None, *, overrides: dict[str, Any] | None = None) -
                                                                           curve=curve))
     return dataclasses.replace(config, model=dataclasses.replace(config.model, path=model_path),
                                state_dir=state_dir)
+
+
+def _fill_event_defaults(config: Config) -> Config:
+    """Keys left out of (or null in) `events.default` keep their built-in values."""
+    builtin = EventsConfig().default
+    given = config.events.default
+    merged = dataclasses.replace(builtin, **{f.name: getattr(given, f.name)
+                                            for f in dataclasses.fields(given)
+                                            if getattr(given, f.name) is not None})
+    return dataclasses.replace(config, events=dataclasses.replace(config.events,
+                                                                  default=merged))
 
 
 def _check_cross_fields(config: Config) -> None:
@@ -244,11 +256,6 @@ def _check_cross_fields(config: Config) -> None:
                 rule.confirm_n > rule.confirm_m:
             raise ConfigError(f"{where}.confirm_n: {rule.confirm_n} is above confirm_m "
                               f"{rule.confirm_m}; N of M needs N <= M")
-    default = config.events.default
-    for key in ("threshold", "confirm_n", "confirm_m", "min_duration_ms", "refractory_ms"):
-        if getattr(default, key) is None:
-            raise ConfigError(f"events.default.{key}: must be set (null is only allowed "
-                              "under events.classes)")
 
 
 def _type_name(tp: Any) -> str:

@@ -149,15 +149,19 @@ def score_lines(sensor: SensorState, width: int) -> list[Text]:
     return lines
 
 
-def anomaly_lines(sensor: SensorState, width: int) -> list[Text]:
+def machine_lines(sensor: SensorState, width: int) -> list[Text]:
+    """Machine health: anomaly scores have their own units, so the bar puts the alarm
+    threshold at its middle."""
     lines = []
-    for machine in sorted(sensor.anomalies):
-        a = sensor.anomalies[machine]
-        above = a.threshold is not None and a.score >= a.threshold
-        tail = f" {a.score:4.2f}" + (f" thr {a.threshold:.2f}" if a.threshold is not None else "")
-        line = Text(f"{('⚙ ' + machine)[:14]:<14} ", style="bold red" if above else "")
-        line.append_text(_bar(a.score, width - 15 - len(tail) - 2,
-                              style="red" if above else "magenta", marker=a.threshold))
+    for name in sorted(sensor.machines):
+        m = sensor.machines[name]
+        above = m.running and m.score >= m.threshold
+        scale = 2 * m.threshold if m.threshold > 0 else 1.0
+        tail = f" {m.score:5.2f} thr {m.threshold:.2f}" + ("" if m.running else " idle")
+        line = Text(f"{('⚙ ' + name)[:14]:<14} ", style="bold red" if above else "")
+        line.append_text(_bar(m.score / scale, width - 15 - len(tail) - 2,
+                              style="red" if above else "magenta" if m.running else "grey50",
+                              marker=m.threshold / scale))
         line.append(tail + (" ◀" if above else ""), style="bold red" if above else "")
         lines.append(line)
     return lines
@@ -204,7 +208,7 @@ def detail_lines(state: DashboardState, sensor: SensorState, now: float, *, widt
     lines: list[RenderableType] = [sensor_title(state, sensor, now), level_meter(sensor, width),
                                    Spectrogram(sensor.mel, rows=spec_rows)]
     lines += score_lines(sensor, width)
-    lines += anomaly_lines(sensor, width)
+    lines += machine_lines(sensor, width)
     lines.append(health_line(state, sensor, now))
     if sensor.status is not None and sensor.status.last_error:
         lines.append(Text(f"last error: {sensor.status.last_error}", style="yellow"))
@@ -277,7 +281,8 @@ def _clock(unix_time: float) -> str:
 def _event_cells(event: LoggedEvent, *, new: bool) -> list[str]:
     clock = _clock(event.onset_time)
     duration = "ongoing" if event.duration_s is None else f"{event.duration_s:.2f}s"
-    return ["●" if new else " ", clock, event.sensor_id, event.label,
+    label = event.label if event.machine is None else f"{event.label} ({event.machine})"
+    return ["●" if new else " ", clock, event.sensor_id, label,
             f"{event.peak_score:.2f}", duration]
 
 
@@ -327,7 +332,7 @@ def render_screen(state: DashboardState, now: float, endpoints: Sequence[str], *
     body_height = max(3, height - 2)
     detail = state.detail_sensor() if state.show_detail() else None
     if detail is not None:
-        fixed = 4 + len(detail.top) + len(detail.anomalies) + (
+        fixed = 4 + len(detail.top) + len(detail.machines) + (
             1 if detail.status is not None and detail.status.last_error else 0)
         spec_rows = max(2, min(8, body_height - fixed - 6))
         upper: RenderableType = Group(*detail_lines(state, detail, now, width=width,
@@ -342,7 +347,8 @@ def render_screen(state: DashboardState, now: float, endpoints: Sequence[str], *
     layout.split_column(
         Layout(_one_row(header(state, now, endpoints)), name="header", size=1),
         Layout(upper, name="sensors", size=upper_height),
-        Layout(Group(_one_row(events_title(state)), event_table(state, now, max_rows=events_height - 2)),
+        Layout(Group(_one_row(events_title(state)),
+                     event_table(state, now, max_rows=events_height - 2)),
                name="events", size=events_height),
         Layout(_one_row(Text(KEYS_HELP, style="dim")), name="keys", size=1),
     )

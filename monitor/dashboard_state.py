@@ -43,6 +43,8 @@ class LoggedEvent:
     """Monotonic `now` when the row was created (drives the "new" highlight)."""
     duration_s: float | None = None
     """None while the event is still going on."""
+    machine: str | None = None
+    """For machine-fault events: which machine."""
 
 
 @dataclass
@@ -161,7 +163,8 @@ class DashboardState:
         row = self._by_id.get(key)
         if row is None:  # a start, or an end whose start we missed
             row = LoggedEvent(event.sensor_id, event.event_id, event.label, event.onset_time,
-                              event.peak_score, event.threshold, received=now)
+                              event.peak_score, event.threshold, received=now,
+                              machine=event.machine)
             if len(self.events) == self.events.maxlen:
                 oldest = self.events[0]
                 self._by_id.pop((oldest.sensor_id, oldest.event_id), None)

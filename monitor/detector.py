@@ -9,6 +9,7 @@ on fails loudly at start-up instead of scoring garbage for months.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -43,6 +44,9 @@ class ModelCard:
     sha256: str | None
     fetch: str | None
     """Command that (re)creates the model file, for the missing-file message."""
+    rules: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    """Per-class event-logic defaults tuned with the model (confirm_n, confirm_m,
+    min_duration_ms, refractory_ms, release); the config overrides them."""
     onset_lead_ms: float | None = None
     """How long before the end of the first window that scores a hit its sound typically
     began (measured in evaluation); null: half a window."""
@@ -85,7 +89,9 @@ def read_card(model_path: Path) -> ModelCard:
             thresholds={str(k): float(v) for k, v in raw.get("thresholds", {}).items()},
             sha256=raw.get("sha256"), fetch=raw.get("fetch"),
             onset_lead_ms=None if raw.get("onset_lead_ms") is None
-            else float(raw["onset_lead_ms"]))
+            else float(raw["onset_lead_ms"]),
+            rules={str(name): {str(k): float(v) for k, v in fields.items()}
+                   for name, fields in raw.get("rules", {}).items()})
         expected_in = [1, card.window_frames, frontend.n_mels]
         if list(input_spec["shape"]) != expected_in:
             raise ModelError(f"model card {card_path}: input shape {input_spec['shape']} "
@@ -95,9 +101,16 @@ def read_card(model_path: Path) -> ModelCard:
                              f"does not match its {len(classes)} classes")
     except (KeyError, TypeError, ValueError) as err:
         raise ModelError(f"model card {card_path}: missing or malformed field {err}") from err
-    unknown = sorted(set(card.thresholds) - set(classes))
+    unknown = sorted((set(card.thresholds) | set(card.rules)) - set(classes))
     if unknown:
-        raise ModelError(f"model card {card_path}: thresholds for unknown classes {unknown}")
+        raise ModelError(f"model card {card_path}: thresholds or rules for unknown classes "
+                         f"{unknown}")
+    allowed = {"release", "confirm_n", "confirm_m", "min_duration_ms", "refractory_ms"}
+    for name, fields in card.rules.items():
+        extra = sorted(set(fields) - allowed)
+        if extra:
+            raise ModelError(f"model card {card_path}: rules.{name} has unknown keys {extra}; "
+                             f"allowed: {sorted(allowed)}")
     return card
 
 

@@ -155,6 +155,10 @@ class Outbox:
             "SELECT min(next_at) FROM outbox WHERE state='pending'").fetchone()
         return None if row[0] is None else float(row[0])
 
+    def attempts(self, key: str) -> int:
+        row = self._conn.execute("SELECT attempts FROM outbox WHERE key=?", (key,)).fetchone()
+        return 0 if row is None else int(row[0])
+
     def delivered(self, key: str, *, now: float) -> None:
         self._conn.execute("UPDATE outbox SET state='delivered', attempts=attempts+1, "
                            "done_at=?, last_error=NULL WHERE key=?", (now, key))

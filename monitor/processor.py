@@ -92,19 +92,22 @@ def resolve_rules(config: Config, detector: Detector, timing: Timing) -> dict[st
     rules = {}
     for name in names:
         rule = config.events.classes.get(name, EventRule())
+        card = detector.card.rules.get(name, {})
+
+        def pick(key: str, *fallbacks: float | None) -> float:
+            """The config's class rule, then the model card's tuned value, then fallbacks."""
+            return _first(getattr(rule, key), card.get(key), *fallbacks)  # noqa: B023
+
         threshold = _first(rule.threshold, detector.card.thresholds.get(name), default.threshold)
-        release = _first(rule.release, default.release, 0.8 * threshold)
-        if release > threshold:
-            release = threshold
-        confirm_m = int(_first(rule.confirm_m, default.confirm_m))
-        confirm_n = min(int(_first(rule.confirm_n, default.confirm_n)), confirm_m)
+        release = min(pick("release", default.release, 0.8 * threshold), threshold)
+        confirm_m = int(pick("confirm_m", default.confirm_m))
+        confirm_n = min(int(pick("confirm_n", default.confirm_n)), confirm_m)
         ms_to_samples = timing.sample_rate / 1000.0
         rules[name] = ClassRule(
             threshold=threshold, release=release, confirm_n=confirm_n, confirm_m=confirm_m,
-            min_duration=round(_first(rule.min_duration_ms, default.min_duration_ms)
+            min_duration=round(pick("min_duration_ms", default.min_duration_ms)
                                * ms_to_samples),
-            refractory=round(_first(rule.refractory_ms, default.refractory_ms)
-                             * ms_to_samples))
+            refractory=round(pick("refractory_ms", default.refractory_ms) * ms_to_samples))
     return rules
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from monitor.errors import ConfigError
 
-__all__ = ["UNITS", "add_install_service", "render_unit", "install_units"]
+__all__ = ["UNITS", "add_install_service", "install_units", "render_unit"]
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT_DIR = REPO / "systemd"

@@ -47,7 +47,6 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
      "events.classes.Cough.release: 0.5 is above threshold 0.3"),
     ("events:\n  default:\n    confirm_n: 3\n    confirm_m: 2\n",
      "events.default.confirm_n: 3 is above confirm_m 2"),
-    ("events:\n  default:\n    threshold: null\n", "events.default.threshold: must be set"),
     ("publish: 5\n", "publish: expected a mapping of keys, got 5"),
     ("- a\n- b\n", "must hold a mapping of keys, got list"),
     ("audio: [\n", "is not valid YAML at line"),
@@ -72,3 +71,10 @@ def test_overrides_are_validated_like_the_file(tmp_path: Path) -> None:
     assert config.audio.realtime is False
     with pytest.raises(ConfigError, match="audio.sample_rate: 10 is out of range"):
         load_config(None, overrides={"audio.sample_rate": 10})
+
+
+def test_partial_event_default_keeps_builtin_values(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "events:\n  default:\n    threshold: 0.7\n"))
+    assert config.events.default.threshold == 0.7
+    assert config.events.default.refractory_ms == Config().events.default.refractory_ms
+    assert config.events.default.confirm_n == 1

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from monitor.dashboard import handle_key, render_screen, render_snapshot
 from monitor.dashboard_state import DashboardState
-from monitor.messages import Event, Level, Message, Scores, Status, encode
+from monitor.messages import Anomaly, Event, Level, Message, Scores, Status, encode
 
 RATE = 16000
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_event_log_newest_first_with_durations_and_highlight() -> None:
     assert state.is_new(rows[1], now=14.9) and not state.is_new(rows[1], now=15.1)
     # An end whose start was lost still makes a row.
     state.ingest(a.event("e2", "Cough", "end", onset_s=5.0, offset_s=6.0), now=20.0)
-    assert [r.event_id for r in state.visible_events()][0] == "e2"
+    assert state.visible_events()[0].event_id == "e2"
     assert state.sensors["a"].last_event is state.visible_events()[0]
 
 
@@ -138,23 +138,25 @@ def test_bad_messages_are_counted_not_raised() -> None:
     for bad in ([b"level"], [b"level", b"{not json"], [b"level", b"[1]"],
                 [b"level", json.dumps({**body, "v": 99}).encode()],
                 [b"thing", json.dumps({**body, "type": "thing"}).encode()],
-                [b"anomaly.pump", b'{"sensor_id": "room"}']):
+                [b"anomaly.pump", json.dumps({**body, "type": "anomaly"}).encode()]):
         assert not state.ingest(bad, now=1.0)
     assert state.decode_errors == 6 and state.sensors == {}
-    assert "anomaly" in (state.last_decode_error or "")
+    assert "anomaly message fields differ" in (state.last_decode_error or "")
     assert state.ingest(good, now=1.0) and state.received == 1
 
 
-def test_anomaly_topics_are_read_generically() -> None:
+def test_machine_health_is_shown() -> None:
     state = DashboardState()
-    body = {"v": 1, "type": "anomaly", "sensor_id": "m1", "seq": 1, "ts": 1.0, "score": 0.8,
-            "threshold": 0.6}
-    assert state.ingest([b"anomaly.pump_3", json.dumps(body).encode()], now=1.0)
-    anomaly = state.sensors["m1"].anomalies["pump_3"]
-    assert (anomaly.score, anomaly.threshold) == (0.8, 0.6)
+    for machine, score, running in (("pump 3", 4.2, True), ("fan", 0.5, False)):
+        state.ingest(frames(Anomaly(sensor_id="m1", seq=1, ts=1.0, machine=machine,
+                                    t_audio_s=1.0, score=score, threshold=3.0,
+                                    running=running)), now=1.0)
+    assert set(state.sensors["m1"].machines) == {"pump 3", "fan"}
     console = Console(file=io.StringIO(), width=80, record=True)
     console.print(render_snapshot(state, 1.0, ["tcp://x:1"], width=80))
-    assert re.search(r"⚙ pump_3 .*0\.80 thr 0\.60", console.export_text())
+    text = console.export_text()
+    assert re.search(r"⚙ pump 3 .*┃.* 4\.20 thr 3\.00 ◀", text), text
+    assert re.search(r"⚙ fan .* 0\.50 thr 3\.00 idle$", text, re.MULTILINE), text
 
 
 def test_lost_messages_and_peak_hold() -> None:

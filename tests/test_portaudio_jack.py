@@ -85,10 +85,10 @@ def _normalised_xcorr(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return num / np.sqrt(np.maximum(win, 1e-20) * np.dot(r64, r64))
 
 
-def test_capture_through_portaudio_jack_is_bit_exact(tmp_path: Path) -> None:
-    clip = _reference_clip()
+def _capture_once(clip: np.ndarray, log_dir: Path) -> tuple[np.ndarray, MicSource, _Player]:
+    """Play `clip` into PortAudio's left capture port; return the interleaved ring contents."""
     with (
-        jack_server("am-capture", rate=RATE, period=160, log_dir=tmp_path) as server,
+        jack_server("am-capture", rate=RATE, period=160, log_dir=log_dir) as server,
         portaudio_on(server),
     ):
         mic = MicSource("system", sample_rate=RATE, channels=2, ring_seconds=2.0, block_ms=10)
@@ -123,26 +123,38 @@ def test_capture_through_portaudio_jack_is_bit_exact(tmp_path: Path) -> None:
             player.client.deactivate()
             player.client.close()
             mic.stop()
+    return captured[:count], mic, player
+
+
+def test_capture_through_portaudio_jack_is_bit_exact(tmp_path: Path) -> None:
+    clip = _reference_clip()
+    # A JACK xrun (a client late for its cycle: likely on a loaded 2-core CI box running
+    # jackd without real-time priority) can lose a cycle; only then is the run repeated.
+    for attempt in range(3):
+        captured, mic, player = _capture_once(clip, tmp_path)
+        if player.xruns == 0 and mic.counters.input_overflow == 0:
+            break
+        print(f"attempt {attempt}: {player.xruns} JACK xruns, {mic.counters}")
 
     assert player.pos == clip.shape[0], "player did not finish: JACK did not run"
-    frames = captured[:count].reshape(-1, 2)
+    frames = captured.reshape(-1, 2)
     left, right = frames[:, 0], frames[:, 1]
     assert left.shape[0] >= clip.shape[0]
+    context = f"xruns={player.xruns} {mic.counters}"
     corr = _normalised_xcorr(left, clip)
     lag = int(np.argmax(corr))
     # One peak over the whole clip: no sample dropped or inserted anywhere inside it.
-    assert corr[lag] > 0.99, f"peak correlation {corr[lag]:.4f} at lag {lag}"
+    assert corr[lag] > 0.99, f"peak correlation {corr[lag]:.4f} at lag {lag}; {context}"
     # Float32 all the way through JACK and PortAudio: bit-exact at the aligned lag.
-    np.testing.assert_array_equal(left[lag : lag + clip.shape[0]], clip)
+    np.testing.assert_array_equal(left[lag : lag + clip.shape[0]], clip, err_msg=context)
     # Silence before arming and after the end; the unconnected right channel is silent.
     assert not np.any(left[:lag]) and not np.any(left[lag + clip.shape[0] :])
     assert left.shape[0] - lag - clip.shape[0] >= RATE // 4, "tail after the clip missing"
     assert not np.any(right)
     assert mic.ring.overrun_samples == 0
-    # PortAudio's JACK backend flags input overflow once per JACK xrun (on a loaded machine
-    # a late client, e.g. this Python player, can cause one without losing our samples, as the
-    # bit-exact check shows). Every flag must be explained by an xrun JACK reported.
-    assert mic.counters.input_overflow <= player.xruns, (mic.counters, player.xruns)
+    # PortAudio's JACK backend flags input overflow once per JACK xrun; every flag must be
+    # explained by an xrun JACK reported.
+    assert mic.counters.input_overflow <= player.xruns, context
     assert mic.counters.callbacks > 0 and mic.counters.errors == 0
     assert mic.last_error is None
 

@@ -1,0 +1,657 @@
+"""`audio-monitor alert`: a subscriber that turns events into actions, each exactly once.
+
+Flow: SUB sockets (one per source: a sensor or a proxy) -> `decode` (a malformed or
+tampered message is dropped and counted) -> rules -> one SQLite transaction records the
+decision and the actions to run (`monitor.outbox`) -> a dispatcher thread runs due
+actions (log, webhook, command, publish), retries failures with exponential backoff
+until they succeed or expire, and records the outcome.
+
+Nothing is lost: live events are acted on at once; on start-up, on every heartbeat
+(`status`) of a sensor, and after a failed catch-up, the daemon asks the source's
+catch-up endpoint for the sensor's journaled events after its cursor, so events missed
+while this daemon was down, or dropped by ZeroMQ, are judged too. Replays are harmless:
+each (rule, sensor, event, phase) is judged once (see `monitor.outbox`).
+
+Threads: the main thread owns the SUB, catch-up and ack sockets and one SQLite
+connection; the dispatcher owns the re-publish socket and its own connection; webhook
+and command actions run in a small worker pool.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import json
+import logging
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+import zmq
+
+from monitor.catchup import CatchupClient
+from monitor.errors import ConfigError, MessageError
+from monitor.keys import apply_client
+from monitor.messages import Event, Status, decode
+from monitor.outbox import Item, Outbox
+
+logger = logging.getLogger(__name__)
+
+ACTION_TYPES = ("log", "webhook", "command", "publish")
+OFFLINE_LABEL = "sensor_offline"
+"""Pseudo class of the synthetic event raised when a sensor falls silent."""
+
+
+# --- configuration ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Action:
+    name: str
+    type: str
+    url: str | None = None
+    argv: tuple[str, ...] = ()
+    timeout_s: float = 5.0
+    expire_s: float = 86400.0
+    """Give up (and record `expired`) this long after the event."""
+    backoff_s: float = 1.0
+    """First retry delay; doubles per attempt up to `max_backoff_s`."""
+    max_backoff_s: float = 300.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    classes: tuple[str, ...] = ()
+    """Class names (as in the model card) or topic slugs; empty: any class."""
+    min_score: float = 0.0
+    sensors: tuple[str, ...] = ()
+    room: str | None = None
+    phases: tuple[str, ...] = ("start",)
+    hours: tuple[tuple[int, int], ...] = ()
+    """Local-time windows as (start minute, end minute) of the day; may wrap midnight."""
+    cooldown_s: float = 0.0
+    actions: tuple[Action, ...] = ()
+    escalate_after_s: float | None = None
+    escalate: tuple[Action, ...] = ()
+
+    def matches(self, event: Event, rooms: dict[str, tuple[str, ...]]) -> bool:
+        if self.classes and event.label not in self.classes and \
+                event.topic.removeprefix("event.") not in self.classes:
+            return False
+        if event.phase not in self.phases or event.peak_score < self.min_score:
+            return False
+        if self.sensors and event.sensor_id not in self.sensors:
+            return False
+        if self.room is not None and event.sensor_id not in rooms.get(self.room, ()):
+            return False
+        if self.hours:
+            local = datetime.datetime.fromtimestamp(event.onset_time)
+            minute = local.hour * 60 + local.minute
+            return any(lo <= minute < hi if lo <= hi else minute >= lo or minute < hi
+                       for lo, hi in self.hours)
+        return True
+
+
+@dataclass(frozen=True)
+class Source:
+    endpoint: str
+    catchup: str | None = None
+    secret_key: Path | None = None
+    server_key: Path | None = None
+
+    def configure(self, socket: zmq.Socket[Any]) -> None:
+        if self.secret_key is not None and self.server_key is not None:
+            apply_client(socket, secret_key=self.secret_key, server_key=self.server_key,
+                         where=f"subscribe[{self.endpoint}].curve")
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    sources: tuple[Source, ...]
+    rules: tuple[Rule, ...]
+    state: Path
+    rooms: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    ack_endpoint: str | None = None
+    publish_endpoint: str | None = None
+    heartbeat_timeout_s: float = 30.0
+    max_event_age_s: float = 86400.0
+    retention_days: float = 30.0
+    workers: int = 4
+
+
+def _get(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
+         default: Any = None) -> Any:
+    value = data.get(key, default)
+    if value is None or (isinstance(value, kind) and not isinstance(value, bool)) or \
+            (kind is bool and isinstance(value, bool)):
+        return value
+    names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+    raise ConfigError(f"{where}.{key}: {value!r} is not a {names}")
+
+
+def _known(data: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key; allowed: "
+                          f"{', '.join(sorted(allowed))}")
+    return data
+
+
+def _hours(text: str, where: str) -> tuple[int, int]:
+    try:
+        lo, hi = (datetime.time.fromisoformat(part.strip()) for part in text.split("-"))
+    except ValueError as err:
+        raise ConfigError(f"{where}: {text!r} is not a window like \"22:00-06:30\"") from err
+    return lo.hour * 60 + lo.minute, hi.hour * 60 + hi.minute
+
+
+def _action(data: Any, where: str, index: int) -> Action:
+    data = _known(data, {"type", "name", "url", "argv", "timeout_s", "expire_s", "backoff_s",
+                         "max_backoff_s", "headers"}, where)
+    kind = data.get("type")
+    if kind not in ACTION_TYPES:
+        raise ConfigError(f"{where}.type: {kind!r} is not one of {', '.join(ACTION_TYPES)}")
+    url = _get(data, "url", str, where)
+    if kind == "webhook" and (url is None or not url.startswith(("http://", "https://"))):
+        raise ConfigError(f"{where}.url: {url!r} is not an http(s) URL")
+    argv = data.get("argv", [])
+    if kind == "command" and (not isinstance(argv, list) or not argv or
+                              not all(isinstance(a, str) for a in argv)):
+        raise ConfigError(f"{where}.argv: {argv!r} is not a non-empty list of strings")
+    numbers = {k: float(_get(data, k, (int, float), where, d)) for k, d in
+               (("timeout_s", 5.0), ("expire_s", 86400.0), ("backoff_s", 1.0),
+                ("max_backoff_s", 300.0))}
+    for key, value in numbers.items():
+        if value <= 0:
+            raise ConfigError(f"{where}.{key}: {value} must be above 0")
+    return Action(name=str(data.get("name") or f"{kind}{index}"), type=kind, url=url,
+                  argv=tuple(argv), headers=dict(data.get("headers") or {}), **numbers)
+
+
+def _rule(data: Any, where: str) -> Rule:
+    data = _known(data, {"name", "classes", "min_score", "sensors", "room", "phases", "hours",
+                         "cooldown_s", "actions", "escalate"}, where)
+    name = _get(data, "name", str, where)
+    if not name:
+        raise ConfigError(f"{where}.name: every rule needs a name")
+    phases = tuple(data.get("phases") or ("start",))
+    if not set(phases) <= {"start", "end"}:
+        raise ConfigError(f"{where}.phases: {list(phases)} must be start and/or end")
+    actions = data.get("actions") or []
+    if not isinstance(actions, list) or not actions:
+        raise ConfigError(f"{where}.actions: a rule needs a list of actions")
+    escalate = _known(data.get("escalate") or {}, {"after_s", "actions"}, f"{where}.escalate")
+    after = _get(escalate, "after_s", (int, float), f"{where}.escalate")
+    return Rule(
+        name=name, classes=tuple(str(c) for c in data.get("classes") or ()),
+        min_score=float(_get(data, "min_score", (int, float), where, 0.0)),
+        sensors=tuple(str(s) for s in data.get("sensors") or ()),
+        room=_get(data, "room", str, where), phases=phases,
+        hours=tuple(_hours(h, f"{where}.hours") for h in data.get("hours") or ()),
+        cooldown_s=float(_get(data, "cooldown_s", (int, float), where, 0.0)),
+        actions=tuple(_action(a, f"{where}.actions[{i}]", i) for i, a in enumerate(actions)),
+        escalate_after_s=None if after is None else float(after),
+        escalate=tuple(_action(a, f"{where}.escalate.actions[{i}]", i)
+                       for i, a in enumerate(escalate.get("actions") or [])))
+
+
+def load_alert_config(path: Path) -> AlertConfig:
+    """Read and validate alert.yaml; relative paths are against its folder."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise ConfigError(f"cannot read alert config {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"alert config {path} is not valid YAML") from err
+    data = _known(data, {"subscribe", "rules", "state", "rooms", "ack_endpoint",
+                         "publish_endpoint", "heartbeat_timeout_s", "max_event_age_s",
+                         "retention_days", "workers"}, "alert")
+    base = path.resolve().parent
+
+    def rel(p: str | None) -> Path | None:
+        return None if p is None else base / Path(p).expanduser()
+
+    sources = []
+    for i, s in enumerate(data.get("subscribe") or []):
+        s = _known(s, {"endpoint", "catchup", "curve"}, f"subscribe[{i}]")
+        curve = _known(s.get("curve") or {}, {"secret_key", "server_key"},
+                       f"subscribe[{i}].curve")
+        if not isinstance(s.get("endpoint"), str):
+            raise ConfigError(f"subscribe[{i}].endpoint: must be a ZeroMQ endpoint")
+        sources.append(Source(endpoint=s["endpoint"], catchup=s.get("catchup"),
+                              secret_key=rel(curve.get("secret_key")),
+                              server_key=rel(curve.get("server_key"))))
+    if not sources:
+        raise ConfigError("subscribe: list at least one endpoint (a sensor or a proxy)")
+    rules = tuple(_rule(r, f"rules[{i}]") for i, r in enumerate(data.get("rules") or []))
+    if len({r.name for r in rules}) != len(rules):
+        raise ConfigError("rules: rule names must be unique (they key the exactly-once record)")
+    rooms = {str(k): tuple(str(s) for s in v) for k, v in (data.get("rooms") or {}).items()}
+    state = rel(_get(data, "state", str, "alert", "~/.local/state/audio-monitor/alert.db"))
+    assert state is not None
+    return AlertConfig(
+        sources=tuple(sources), rules=rules, state=state, rooms=rooms,
+        ack_endpoint=_get(data, "ack_endpoint", str, "alert"),
+        publish_endpoint=_get(data, "publish_endpoint", str, "alert"),
+        heartbeat_timeout_s=float(_get(data, "heartbeat_timeout_s", (int, float), "alert",
+                                       30.0)),
+        max_event_age_s=float(_get(data, "max_event_age_s", (int, float), "alert", 86400.0)),
+        retention_days=float(_get(data, "retention_days", (int, float), "alert", 30.0)),
+        workers=int(_get(data, "workers", int, "alert", 4)))
+
+
+# --- actions --------------------------------------------------------------------------------
+
+def run_webhook(action: Action, payload: dict[str, Any], key: str) -> None:
+    """POST the alert as JSON; raises on anything but 2xx."""
+    assert action.url is not None
+    request = urllib.request.Request(
+        action.url, data=json.dumps(payload).encode(), method="POST",
+        headers={"Content-Type": "application/json", "Idempotency-Key": key, **action.headers})
+    with urllib.request.urlopen(request, timeout=action.timeout_s) as response:
+        if not 200 <= response.status < 300:
+            raise OSError(f"HTTP {response.status}")
+
+
+def run_command(action: Action, payload: dict[str, Any], key: str) -> None:
+    """Run argv with the alert JSON on stdin; fields are also `{name}` placeholders."""
+    fields = {k: "" if v is None else str(v) for k, v in payload.items()}
+    argv = [a.format_map(fields) for a in action.argv]
+    result = subprocess.run(argv, input=json.dumps(payload).encode(), capture_output=True,
+                            timeout=action.timeout_s, check=False,
+                            env={"AUDIO_MONITOR_ALERT_KEY": key,
+                                 "PATH": "/usr/local/bin:/usr/bin:/bin"})
+    if result.returncode != 0:
+        raise OSError(f"exit status {result.returncode}: "
+                      f"{result.stderr.decode(errors='replace')[-200:]}")
+
+
+# --- the daemon -------------------------------------------------------------------------
+
+@dataclass
+class SensorState:
+    source: int
+    last_seen: float
+    last_seq: int
+    catchup_at: float = 0.0
+    """When to ask this sensor's catch-up next (0: at the next heartbeat)."""
+    offline: bool = False
+
+
+class Dispatcher:
+    """Runs due outbox rows in its own thread; webhooks/commands in a worker pool."""
+
+    def __init__(self, config: AlertConfig, *, context: zmq.Context[Any],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.context = context
+        self.clock = clock
+        self.actions = {f"{r.name}/{a.name}": a for r in config.rules for a in r.actions}
+        self.actions.update({f"{r.name}/escalate/{a.name}": a
+                             for r in config.rules for a in r.escalate})
+        self.wake = threading.Event()
+        self.delivered = 0
+        self.failed = 0
+        self.expired = 0
+        self.bound_endpoint = ""
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="alert-dispatch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise ConfigError("alert: the dispatcher did not start within 10 s")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.wake.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        outbox = Outbox(self.config.state)
+        pub = None
+        if self.config.publish_endpoint is not None:
+            pub = self.context.socket(zmq.PUB)
+            pub.setsockopt(zmq.LINGER, 500)
+            pub.bind(self.config.publish_endpoint)
+            self.bound_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        pool = concurrent.futures.ThreadPoolExecutor(self.config.workers,
+                                                     thread_name_prefix="alert-action")
+        busy: dict[str, concurrent.futures.Future[None]] = {}
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                now = self.clock()
+                for key, future in [(k, f) for k, f in busy.items() if f.done()]:
+                    del busy[key]
+                    self._record(outbox, key, future.exception(), now)
+                free = self.config.workers * 2 - len(busy)
+                rows = outbox.due(now, limit=max(free, 0), busy=set(busy)) if free > 0 else []
+                for row in rows:
+                    action = self.actions.get(row["action"])
+                    if action is None:  # the rule was removed from alert.yaml
+                        outbox.failed(row["key"], now=now, error="action no longer configured",
+                                      retry_at=float("inf"))
+                        continue
+                    payload = {**row["payload"], "attempt": row["attempts"] + 1}
+                    if action.type in ("log", "publish"):
+                        self._record(outbox, row["key"], self._inline(action, payload, pub), now)
+                    else:
+                        run = run_webhook if action.type == "webhook" else run_command
+                        future = pool.submit(run, action, payload, row["key"])
+                        future.add_done_callback(lambda _: self.wake.set())
+                        busy[row["key"]] = future
+                if rows and len(rows) == free:
+                    continue
+                nxt = outbox.next_due()
+                self.wake.wait(0.5 if nxt is None else min(0.5, max(0.0, nxt - self.clock())))
+                self.wake.clear()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for key, future in busy.items():
+                if future.done():
+                    self._record(outbox, key, future.exception(), self.clock())
+            if pub is not None:
+                pub.close()
+            outbox.close()
+
+    def _inline(self, action: Action, payload: dict[str, Any],
+                pub: zmq.Socket[Any] | None) -> BaseException | None:
+        if action.type == "log":
+            logger.warning("ALERT %s %s %s %s on %s (score %.2f, event %s)",
+                           payload["rule"], payload["kind"], payload["label"], payload["phase"],
+                           payload["sensor_id"], payload["peak_score"], payload["event_id"])
+            return None
+        if pub is None:
+            return OSError("publish action needs publish_endpoint in alert.yaml")
+        try:
+            pub.send_multipart([f"alert.{payload['rule']}".encode(),
+                                json.dumps(payload).encode()], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as err:
+            return err
+        return None
+
+    def _record(self, outbox: Outbox, key: str, error: BaseException | None,
+                now: float) -> None:
+        if error is None:
+            outbox.delivered(key, now=now)
+            self.delivered += 1
+            return
+        action = self.actions[key.rsplit("|", 1)[1]]
+        row = outbox.attempts(key)
+        delay = min(action.max_backoff_s, action.backoff_s * 2 ** row)
+        state = outbox.failed(key, now=now, error=f"{type(error).__name__}: {error}",
+                              retry_at=now + delay)
+        self.failed += 1
+        if state == "expired":
+            self.expired += 1
+            logger.error("alert %s expired after %d attempts: %s", key, row + 1, error)
+        else:
+            logger.info("alert %s failed (%s); retry in %.1f s", key, error, delay)
+
+
+class AlertDaemon:
+    """Subscribes, judges, records; the dispatcher delivers. `run` returns when `stop` is set."""
+
+    def __init__(self, config: AlertConfig, *, context: zmq.Context[Any] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.context = context or zmq.Context.instance()
+        self.clock = clock
+        self.sensors: dict[str, SensorState] = {}
+        self.counters = {"received": 0, "bad_messages": 0, "events": 0, "duplicates": 0,
+                         "stale": 0, "catchup_requests": 0, "catchup_events": 0,
+                         "catchup_failures": 0, "acks": 0}
+        self.dispatcher = Dispatcher(config, context=self.context, clock=clock)
+        self.ack_endpoint = ""
+
+    def run(self, stop: threading.Event, *, ready: threading.Event | None = None) -> None:
+        outbox = Outbox(self.config.state)
+        subs = []
+        for source in self.config.sources:
+            sub = self.context.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.RCVHWM, 100000)
+            source.configure(sub)
+            for topic in (b"event.", b"status"):
+                sub.setsockopt(zmq.SUBSCRIBE, topic)
+            sub.connect(source.endpoint)
+            subs.append(sub)
+        clients = [None if s.catchup is None else
+                   CatchupClient(s.catchup, context=self.context, configure=s.configure)
+                   for s in self.config.sources]
+        ack = None
+        if self.config.ack_endpoint is not None:
+            ack = self.context.socket(zmq.ROUTER)
+            ack.setsockopt(zmq.LINGER, 0)
+            ack.bind(self.config.ack_endpoint)
+            self.ack_endpoint = ack.getsockopt_string(zmq.LAST_ENDPOINT)
+        poller = zmq.Poller()
+        for sub in subs:
+            poller.register(sub, zmq.POLLIN)
+        if ack is not None:
+            poller.register(ack, zmq.POLLIN)
+        self.dispatcher.start()
+        endpoints = {s.endpoint: i for i, s in enumerate(self.config.sources)}
+        now = self.clock()
+        for sensor_id, (seq, where) in outbox.cursors().items():
+            if where in endpoints:  # what we missed while down
+                self.sensors[sensor_id] = SensorState(endpoints[where], now, seq)
+                self._catch_up(outbox, clients, sensor_id)
+        outbox.prune(before=now - self.config.retention_days * 86400)
+        if ready is not None:
+            ready.set()
+        next_tick = now + 1.0
+        try:
+            while not stop.is_set():
+                for socket, _ in poller.poll(100):
+                    if socket is ack:
+                        self._on_ack(outbox, ack)
+                        continue
+                    index = subs.index(socket)
+                    for _ in range(1000):  # drain, but let other sockets in
+                        try:
+                            frames = socket.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_frames(outbox, clients, index, frames)
+                now = self.clock()
+                if now >= next_tick:
+                    next_tick = now + 1.0
+                    self._tick(outbox, clients, now)
+        finally:
+            self.dispatcher.stop()
+            for sub in subs:
+                sub.close()
+            for client in clients:
+                if client is not None:
+                    client.close()
+            if ack is not None:
+                ack.close()
+            outbox.close()
+            logger.info("alert daemon stopped: %s", self.counters)
+
+    def _on_frames(self, outbox: Outbox, clients: list[CatchupClient | None], index: int,
+                   frames: list[bytes]) -> None:
+        self.counters["received"] += 1
+        try:
+            message = decode(frames)
+        except MessageError as err:
+            self.counters["bad_messages"] += 1
+            logger.warning("dropped a bad message from %s: %s",
+                           self.config.sources[index].endpoint, err)
+            return
+        now = self.clock()
+        state = self.sensors.get(message.sensor_id)
+        if state is None:
+            cursor = outbox.cursor(message.sensor_id)
+            state = SensorState(index, now, 0 if cursor is None else cursor[0])
+            self.sensors[message.sensor_id] = state
+            self._catch_up(outbox, clients, message.sensor_id)  # started late: ask
+        state.source, state.last_seen = index, now
+        if state.offline:
+            state.offline = False
+            logger.warning("sensor %s is back", message.sensor_id)
+            self._judge(outbox, self._offline_event(message.sensor_id, state, "end"))
+        if isinstance(message, Event):
+            self._judge(outbox, message)
+        elif isinstance(message, Status) and now >= state.catchup_at:
+            self._catch_up(outbox, clients, message.sensor_id)  # heartbeat: any gap?
+
+    def _catch_up(self, outbox: Outbox, clients: list[CatchupClient | None],
+                  sensor_id: str) -> None:
+        """Judge every journaled event of the sensor after its cursor, page by page."""
+        state = self.sensors[sensor_id]
+        client = clients[state.source]
+        if client is None:
+            return
+        source = self.config.sources[state.source].endpoint
+        after = state.last_seq
+        while True:
+            self.counters["catchup_requests"] += 1
+            try:
+                page = client.fetch(sensor_id, after)
+            except MessageError as err:
+                page = None
+                logger.warning("catch-up for %s: %s", sensor_id, err)
+            if page is None:
+                self.counters["catchup_failures"] += 1
+                state.catchup_at = self.clock() + 2.0
+                clients[state.source] = CatchupClient(client.endpoint, context=self.context,
+                                                      configure=self.config.sources[
+                                                          state.source].configure)
+                client.close()
+                return
+            header, pairs = page
+            for pair in pairs:
+                try:
+                    message = decode(pair)
+                except MessageError as err:
+                    self.counters["bad_messages"] += 1
+                    logger.warning("dropped a bad catch-up message: %s", err)
+                    continue
+                if isinstance(message, Event) and message.sensor_id == sensor_id:
+                    self.counters["catchup_events"] += 1
+                    self._judge(outbox, message)
+                    after = max(after, message.seq)
+            if after > state.last_seq:
+                outbox.set_cursor(sensor_id, source, after)
+                state.last_seq = after
+            elif outbox.cursor(sensor_id) is None:
+                outbox.set_cursor(sensor_id, source, after)
+            if not header.get("more") or not pairs:
+                state.catchup_at = 0.0
+                return
+
+    def _judge(self, outbox: Outbox, event: Event) -> None:
+        now = self.clock()
+        if now - event.ts > self.config.max_event_age_s:
+            self.counters["stale"] += 1
+            return
+        self.counters["events"] += 1
+        fired_any = False
+        for rule in self.config.rules:
+            if not rule.matches(event, self.config.rooms):
+                continue
+            if outbox.decided(rule.name, event.sensor_id, event.event_id, event.phase) \
+                    is not None:
+                self.counters["duplicates"] += 1
+                continue
+            fire = True
+            if event.phase == "end" and "start" in rule.phases:
+                fire = outbox.decided(rule.name, event.sensor_id, event.event_id,
+                                      "start") is not False
+            elif rule.cooldown_s > 0:
+                last = outbox.last_fired(rule.name, event.sensor_id, event.label)
+                fire = last is None or event.onset_time - last >= rule.cooldown_s
+            items = self._items(rule, event, now) if fire else []
+            outbox.decide(rule=rule.name, sensor_id=event.sensor_id, event_id=event.event_id,
+                          phase=event.phase, label=event.label, fired=fire, at=now,
+                          event_time=event.onset_time, items=items)
+            fired_any |= fire
+        if fired_any:
+            self.dispatcher.wake.set()
+
+    def _items(self, rule: Rule, event: Event, now: float) -> list[Item]:
+        payload = {"rule": rule.name, "kind": "alert", "sensor_id": event.sensor_id,
+                   "room": next((r for r, s in self.config.rooms.items()
+                                 if event.sensor_id in s), None),
+                   "event_id": event.event_id, "label": event.label, "phase": event.phase,
+                   "seq": event.seq, "peak_score": event.peak_score,
+                   "onset_time": event.onset_time, "offset_time": event.offset_time,
+                   "event_ts": event.ts}
+        base = f"{event.sensor_id}|{event.event_id}|{event.phase}|"
+        items = [Item(key=base + f"{rule.name}/{a.name}", kind="alert",
+                      action=f"{rule.name}/{a.name}", sensor_id=event.sensor_id,
+                      event_id=event.event_id, phase=event.phase, payload=payload,
+                      next_at=now, expires_at=event.ts + a.expire_s) for a in rule.actions]
+        if rule.escalate_after_s is not None and event.phase == "start":
+            at = now + rule.escalate_after_s
+            items += [Item(key=base + f"{rule.name}/escalate/{a.name}", kind="escalation",
+                           action=f"{rule.name}/escalate/{a.name}", sensor_id=event.sensor_id,
+                           event_id=event.event_id, phase=event.phase,
+                           payload={**payload, "kind": "escalation"}, next_at=at,
+                           expires_at=at + a.expire_s) for a in rule.escalate]
+        return items
+
+    def _offline_event(self, sensor_id: str, state: SensorState, phase: str) -> Event:
+        now = self.clock()
+        return Event(sensor_id=sensor_id, seq=state.last_seq, ts=now,
+                     event_id=f"offline-{sensor_id}-{int(state.last_seen)}", label=OFFLINE_LABEL,
+                     phase=phase, onset_s=0.0, offset_s=None if phase == "start" else 0.0,
+                     onset_time=state.last_seen, offset_time=None if phase == "start" else now,
+                     peak_score=1.0, threshold=1.0)
+
+    def _tick(self, outbox: Outbox, clients: list[CatchupClient | None], now: float) -> None:
+        for sensor_id, state in self.sensors.items():
+            if not state.offline and now - state.last_seen > self.config.heartbeat_timeout_s:
+                state.offline = True
+                logger.warning("sensor %s silent for %.0f s", sensor_id, now - state.last_seen)
+                self._judge(outbox, self._offline_event(sensor_id, state, "start"))
+            if state.catchup_at and now >= state.catchup_at:
+                self._catch_up(outbox, clients, sensor_id)
+
+    def _on_ack(self, outbox: Outbox, socket: zmq.Socket[Any]) -> None:
+        frames = socket.recv_multipart()
+        envelope, payload = frames[:-1], frames[-1]
+        try:
+            body = json.loads(payload)
+            event_id, by = str(body["event_id"]), str(body.get("by", ""))
+        except (ValueError, KeyError, TypeError):
+            socket.send_multipart([*envelope, b'{"ok": false, "error": "expected '
+                                               b'{\\"event_id\\": ...}"}'])
+            return
+        cancelled = outbox.ack(event_id, at=self.clock(), by=by)
+        self.counters["acks"] += 1
+        logger.info("event %s acknowledged by %s; %d escalation(s) cancelled", event_id,
+                    by or "?", cancelled)
+        socket.send_multipart([*envelope, json.dumps({"ok": True,
+                                                      "cancelled": cancelled}).encode()])
+
+
+def send_ack(endpoint: str, event_id: str, *, by: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Client of the ack endpoint (`audio-monitor ack`)."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    socket = context.socket(zmq.REQ)
+    socket.setsockopt(zmq.LINGER, 0)
+    try:
+        socket.connect(endpoint)
+        socket.send(json.dumps({"event_id": event_id, "by": by}).encode())
+        if not socket.poll(int(timeout_s * 1000)):
+            raise ConfigError(f"ack: no answer from {endpoint} within {timeout_s} s; is "
+                              "`audio-monitor alert` running with ack_endpoint set?")
+        reply: dict[str, Any] = json.loads(socket.recv())
+        return reply
+    finally:
+        socket.close()

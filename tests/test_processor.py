@@ -1,0 +1,107 @@
+"""The processing chain: rule precedence, and results independent of block size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from tiny_model import build_tiny_model
+
+from monitor.config import load_config
+from monitor.detector import Detector
+from monitor.errors import ConfigError, ModelError
+from monitor.events import Transition
+from monitor.levels import LevelMeter
+from monitor.processor import Processor, resolve_rules, derive_timing
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.transitions: list[Transition] = []
+        self.scores: list[tuple[int, np.ndarray]] = []
+        self.levels: list[tuple[int, float, float]] = []
+
+    def on_transition(self, transition: Transition) -> None:
+        self.transitions.append(transition)
+
+    def on_scores(self, end: int, scores: np.ndarray) -> None:
+        self.scores.append((end, scores.copy()))
+
+    def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None:
+        self.levels.append((end, meter.rms_dbfs, meter.peak_dbfs))
+
+
+def model_with_rules(folder: Path, rules: dict[str, dict[str, float]]) -> Path:
+    path = build_tiny_model(folder, thresholds={"loud": 0.6})
+    card = json.loads(path.with_suffix(".json").read_text())
+    card["rules"] = rules
+    path.with_suffix(".json").write_text(json.dumps(card))
+    return path
+
+
+def test_rule_precedence_config_then_card_then_default(tmp_path: Path) -> None:
+    model = model_with_rules(tmp_path, {"loud": {"confirm_n": 2, "confirm_m": 3,
+                                                 "refractory_ms": 500}})
+    detector = Detector(model)
+    config = load_config(None, overrides={"events.classes": {"loud": {"confirm_n": 3}},
+                                          "events.default.min_duration_ms": 200})
+    rules = resolve_rules(config, detector, derive_timing(config, detector))
+    loud = rules["loud"]
+    assert loud.threshold == 0.6  # card threshold
+    assert (loud.confirm_n, loud.confirm_m) == (3, 3)  # config beats card, card beats default
+    assert loud.refractory == 8000  # card: 500 ms at 16 kHz
+    assert loud.min_duration == 3200  # default
+    assert loud.release == pytest.approx(0.48)  # 0.8 x threshold
+    assert set(rules) == {"loud"}  # "quiet" has no threshold anywhere: no events
+
+
+def test_unknown_class_in_config_suggests_the_right_one(tiny_model: Path) -> None:
+    detector = Detector(tiny_model)
+    config = load_config(None, overrides={"events.classes": {"Loud": {}}})
+    with pytest.raises(ConfigError, match="events.classes.Loud: .* did you mean 'loud'"):
+        resolve_rules(config, detector, derive_timing(config, detector))
+
+
+def test_card_rules_with_unknown_keys_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"rules.loud has unknown keys \['treshold'\]"):
+        Detector(model_with_rules(tmp_path, {"loud": {"treshold": 0.2}}))
+
+
+def run(processor: Processor, audio: np.ndarray, sizes: list[int]) -> None:
+    start, i = 0, 0
+    while start < audio.shape[0]:
+        size = sizes[i % len(sizes)]
+        processor.process(audio[start:start + size])
+        start += size
+        i += 1
+    processor.finish()
+
+
+def test_results_do_not_depend_on_block_size(shared_data: Path, tiny_model: Path) -> None:
+    """Stereo 48 kHz from a real recording: downmix, resample, front end, model, events."""
+    clip, rate = sf.read(str(sorted((shared_data / "safe" / "fall").glob("*.flac"))[3]),
+                         dtype="float32")
+    mono = np.concatenate([np.zeros(rate, np.float32), clip, np.zeros(rate, np.float32)])
+    from scipy.signal import resample_poly
+
+    at_48k = resample_poly(mono, 3, 1).astype(np.float32)
+    stereo = np.stack([at_48k, 0.25 * at_48k], axis=1).reshape(-1)
+    config = load_config(None, overrides={"model.stride_ms": 50})
+    outcomes = []
+    for sizes in ([2 * 4096], [2 * 7, 2 * 1000, 2 * 13], [2 * 480]):
+        recorder = Recorder()
+        processor = Processor(config, Detector(tiny_model), in_rate=48000, channels=2,
+                              max_block=4096, sink=recorder)
+        run(processor, stereo, sizes)
+        outcomes.append(recorder)
+    first = outcomes[0]
+    assert first.transitions and len(first.scores) > 10 and len(first.levels) > 10
+    for other in outcomes[1:]:
+        assert other.transitions == first.transitions
+        assert [end for end, _ in other.scores] == [end for end, _ in first.scores]
+        for (_, a), (_, b) in zip(other.scores, first.scores, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(other.levels, first.levels, atol=1e-3)
