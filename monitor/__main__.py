@@ -115,6 +115,19 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--force", action="store_true", help="overwrite existing files")
     keys.set_defaults(handler=_cmd_keys)
 
+    dashboard = sub.add_parser("dashboard", help="live terminal view of one or more daemons")
+    dashboard.add_argument("endpoints", nargs="*", metavar="ENDPOINT",
+                           help="daemon endpoint(s) (default tcp://127.0.0.1:5557)")
+    dashboard.add_argument("--once", action="store_true",
+                           help="collect for --once-wait seconds, print one snapshot, exit")
+    dashboard.add_argument("--once-wait", type=float, default=2.0, metavar="SECONDS")
+    dashboard.add_argument("--stale", type=float, default=15.0, metavar="SECONDS",
+                           help="silent this long shows STALE (default 15: 3 heartbeats)")
+    dashboard.add_argument("--offline", type=float, default=60.0, metavar="SECONDS",
+                           help="silent this long shows OFFLINE (default 60)")
+    dashboard.add_argument("--refresh", type=float, default=10.0, metavar="HZ")
+    dashboard.set_defaults(handler=_cmd_dashboard)
+
     train = sub.add_parser("train", help="train the event model's head from real recordings")
     train.add_argument("--data", type=Path, default=DATA_DIR, help="labelled recordings")
     train.add_argument("--models-dir", type=Path, default=MODELS_DIR)
@@ -315,6 +328,14 @@ def _cmd_fetch_models(args: argparse.Namespace) -> int:
         path = compose_events_model(models_dir)
         print(f"{path}: ok (composed from yamnet.onnx and event-head.npz)")
     return status
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from monitor.dashboard import dashboard_command
+
+    return dashboard_command(args.endpoints, once=args.once, once_wait_s=args.once_wait,
+                             stale_s=args.stale, offline_s=args.offline,
+                             refresh_hz=args.refresh)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -306,6 +306,9 @@ class Dispatcher:
         self.bound_endpoint = ""
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[Outbox] = []
         self._thread = threading.Thread(target=self._run, name="alert-dispatch", daemon=True)
 
     def start(self) -> None:
@@ -333,9 +336,8 @@ class Dispatcher:
         try:
             while not self._stop.is_set():
                 now = self.clock()
-                for key, future in [(k, f) for k, f in busy.items() if f.done()]:
-                    del busy[key]
-                    self._record(outbox, key, future.exception(), now)
+                for key in [k for k, f in busy.items() if f.done()]:
+                    del busy[key]  # recorded by the worker itself
                 free = self.config.workers * 2 - len(busy)
                 rows = outbox.due(now, limit=max(free, 0), busy=set(busy)) if free > 0 else []
                 for row in rows:
@@ -348,8 +350,7 @@ class Dispatcher:
                     if action.type in ("log", "publish"):
                         self._record(outbox, row["key"], self._inline(action, payload, pub), now)
                     else:
-                        run = run_webhook if action.type == "webhook" else run_command
-                        future = pool.submit(run, action, payload, row["key"])
+                        future = pool.submit(self._work, action, payload, row["key"])
                         future.add_done_callback(lambda _: self.wake.set())
                         busy[row["key"]] = future
                 if rows and len(rows) == free:
@@ -359,12 +360,27 @@ class Dispatcher:
                 self.wake.clear()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            for key, future in busy.items():
-                if future.done():
-                    self._record(outbox, key, future.exception(), self.clock())
+            for conn in self._conns:
+                conn.close()
             if pub is not None:
                 pub.close()
             outbox.close()
+
+    def _work(self, action: Action, payload: dict[str, Any], key: str) -> None:
+        """Worker thread: run the action and record the outcome at once (the smaller the
+        gap between the two, the fewer repeats a crash can cause)."""
+        outbox = getattr(self._local, "outbox", None)
+        if outbox is None:
+            outbox = self._local.outbox = Outbox(self.config.state)
+            with self._lock:
+                self._conns.append(outbox)
+        run = run_webhook if action.type == "webhook" else run_command
+        try:
+            run(action, payload, key)
+        except Exception as err:
+            self._record(outbox, key, err, self.clock())
+        else:
+            self._record(outbox, key, None, self.clock())
 
     def _inline(self, action: Action, payload: dict[str, Any],
                 pub: zmq.Socket[Any] | None) -> BaseException | None:
@@ -386,16 +402,18 @@ class Dispatcher:
                 now: float) -> None:
         if error is None:
             outbox.delivered(key, now=now)
-            self.delivered += 1
+            with self._lock:
+                self.delivered += 1
             return
         action = self.actions[key.rsplit("|", 1)[1]]
         row = outbox.attempts(key)
         delay = min(action.max_backoff_s, action.backoff_s * 2 ** row)
         state = outbox.failed(key, now=now, error=f"{type(error).__name__}: {error}",
                               retry_at=now + delay)
-        self.failed += 1
+        with self._lock:
+            self.failed += 1
+            self.expired += state == "expired"
         if state == "expired":
-            self.expired += 1
             logger.error("alert %s expired after %d attempts: %s", key, row + 1, error)
         else:
             logger.info("alert %s failed (%s); retry in %.1f s", key, error, delay)

@@ -11,7 +11,6 @@ terminal restored on every exit path.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import termios
@@ -175,20 +174,19 @@ def health_label(state: DashboardState, sensor: SensorState, now: float) -> Text
 def health_line(state: DashboardState, sensor: SensorState, now: float) -> Text:
     status = sensor.status
     counters = status.counters if status is not None else {}
-    parts = [f"overruns {counters.get('overrun_samples', '-')}",
+    parts = [f"infer {status.inference_ms_p50:.1f}/{status.inference_ms_max:.1f}ms"
+             if status is not None else "infer -",
+             f"overrun {counters.get('overrun_samples', '-')}",
              f"dropped {counters.get('publish_dropped', '-')}",
+             f"lost {sensor.lost}",
              f"overflow {counters.get('input_overflow', '-')}",
-             f"reconnects {counters.get('reconnects', '-')}",
-             f"nonfinite {counters.get('nonfinite_samples', '-')}",
-             f"lost {sensor.lost}"]
-    if status is not None:
-        parts.append(f"infer {status.inference_ms_p50:.1f}/{status.inference_ms_max:.1f} ms")
-    text = Text("health ", style="bold")
-    text.append(" · ".join(parts))
+             f"reconnect {counters.get('reconnects', '-')}",
+             f"nonfinite {counters.get('nonfinite_samples', '-')}"]
+    text = Text("  ".join(parts))
     problems = sensor.lost + sum(int(counters.get(k, 0)) for k in
                                  ("overrun_samples", "publish_dropped", "input_overflow"))
     if problems:
-        text.stylize("yellow", 7)
+        text.stylize("yellow")
     return text
 
 
@@ -519,36 +517,3 @@ def _run_live(socket: zmq.Socket[bytes], state: DashboardState, endpoints: Seque
     except KeyboardInterrupt:
         return 0
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `dashboard` options (shared by `audio-monitor dashboard` and this module's main)."""
-    parser.add_argument("endpoints", nargs="*", metavar="ENDPOINT",
-                        help=f"daemon endpoint(s) to subscribe to (default {DEFAULT_ENDPOINT})")
-    parser.add_argument("--once", action="store_true",
-                        help="collect for --once-wait seconds, print one snapshot, exit")
-    parser.add_argument("--once-wait", type=float, default=2.0, metavar="SECONDS",
-                        help="how long --once collects messages (default 2.0)")
-    parser.add_argument("--stale", type=float, default=15.0, metavar="SECONDS",
-                        help="a sensor silent this long shows STALE (default 15: 3 heartbeats)")
-    parser.add_argument("--offline", type=float, default=60.0, metavar="SECONDS",
-                        help="a sensor silent this long shows OFFLINE (default 60)")
-    parser.add_argument("--refresh", type=float, default=10.0, metavar="HZ",
-                        help="screen refreshes per second at most (default 10)")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="audio-monitor dashboard",
-                                     description="Live terminal view of audio-monitor daemons.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return dashboard_command(args.endpoints, once=args.once, once_wait_s=args.once_wait,
-                                 stale_s=args.stale, offline_s=args.offline,
-                                 refresh_hz=args.refresh)
-    except ConfigError as err:
-        print(f"audio-monitor: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -183,6 +183,8 @@ FEATURES: dict[str, Features] = {
     "boxcar": lambda x: anomaly.boxcar_features(x, 25),
     "stack5": lambda x: _stack(x, 5),
     "stats1s": lambda x: _stats(x, 100),
+    # Loudness only (mean log-mel of the boxcar): shows what a level meter alone would find.
+    "level": lambda x: anomaly.boxcar_features(x, 25).mean(axis=1, keepdims=True),
 }
 
 
@@ -236,6 +238,7 @@ CANDIDATES: dict[str, tuple[str, Callable[[np.ndarray], Scorer]]] = {
     "gauss-frame": ("frame", _fit_gauss),
     "gauss-stack5": ("stack5", _fit_gauss),
     "gauss-stats1s": ("stats1s", _fit_gauss),
+    "gauss-level": ("level", _fit_gauss),
     "knn-boxcar": ("boxcar", _fit_knn),
     "knn-frame": ("frame", _fit_knn),
     "gmm-boxcar": ("boxcar", _fit_gmm),
@@ -266,6 +269,13 @@ def load_cwru(data_dir: Path, *, rate: int) -> tuple[np.ndarray, list[tuple[str,
     return normal, faults
 
 
+def match_rms(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """`x` scaled to the RMS of `reference`."""
+    gain = math.sqrt(float((reference.astype(np.float64) ** 2).mean())
+                     / max(float((x.astype(np.float64) ** 2).mean()), 1e-20))
+    return (x * gain).astype(np.float32)
+
+
 def mix_at(normal: np.ndarray, fault: np.ndarray, db: float) -> np.ndarray:
     """Normal audio plus the fault recording (mean removed) at `db` relative to normal RMS."""
     n = min(normal.shape[0], fault.shape[0])
@@ -290,11 +300,14 @@ def evaluate_anomaly_command(*, data_dir: Path, frontend: FrontendParams, out_js
     learn_audio, test_audio = normal[:cut], normal[cut:]
     sets: list[tuple[str, str, np.ndarray]] = [("real", t, logmel_of(a, frontend))
                                                 for _, t, a in faults]
+    # The same real recordings scaled to the normal RMS: loudness alone no longer tells.
+    sets += [("real-rms", t, logmel_of(match_rms(a, test_audio), frontend)) for _, t, a in faults]
     for db in mixed_db:
         sets += [(f"mixed {db:+g} dB", t, logmel_of(mix_at(test_audio, a, db), frontend))
                  for _, t, a in faults]
     learn_mel, test_mel = logmel_of(learn_audio, frontend), logmel_of(test_audio, frontend)
-    groups = sorted({(kind, t) for kind, t, _ in sets}, key=lambda g: (g[0] != "real", g))
+    order = {"real": 0, "real-rms": 1}
+    groups = sorted({(kind, t) for kind, t, _ in sets}, key=lambda g: (order.get(g[0], 2), g))
     results: dict[str, Any] = {"data": str(data_dir / "cwru"), "learn_seconds": cut / rate,
                                "test_normal_seconds": test_audio.shape[0] / rate,
                                "frontend_hash": frontend.hash(), "segment": "1 s mean, 0.25 s hop",

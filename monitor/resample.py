@@ -12,15 +12,24 @@ from math import gcd
 
 import numba
 import numpy as np
-from scipy import signal
 
-__all__ = ["StreamingResampler", "downmix_into"]
+__all__ = ["StreamingResampler", "downmix_into", "kaiser_lowpass"]
 
 logger = logging.getLogger(__name__)
 
 # The anti-alias filter matches scipy.signal.resample_poly's default design.
 _KAISER_BETA = 5.0
 _HALF_LEN_PER_RATE = 10
+
+
+def kaiser_lowpass(numtaps: int, cutoff: float, beta: float) -> np.ndarray:
+    """Windowed-sinc low-pass, identical to `scipy.signal.firwin(numtaps, cutoff,
+    window=("kaiser", beta))` (cutoff relative to Nyquist, unit gain at DC; a test checks
+    it). Written with numpy so the daemon does not import scipy.signal, which alone costs
+    ~75 MB of resident memory on a small board."""
+    m = np.arange(numtaps) - (numtaps - 1) / 2.0
+    h = cutoff * np.sinc(cutoff * m) * np.kaiser(numtaps, beta)
+    return h / h.sum()
 
 
 @numba.njit(cache=True, nogil=True)
@@ -123,9 +132,7 @@ class StreamingResampler:
         else:
             max_rate = max(self.up, self.down)
             half_len = _HALF_LEN_PER_RATE * max_rate
-            h = signal.firwin(
-                2 * half_len + 1, 1.0 / max_rate, window=("kaiser", _KAISER_BETA)
-            ) * self.up
+            h = kaiser_lowpass(2 * half_len + 1, 1.0 / max_rate, _KAISER_BETA) * self.up
             # Pad in front so the delay (half_len + pad) is a multiple of `down`.
             pre_pad = (-half_len) % self.down
             self.delay_out = (half_len + pre_pad) // self.down

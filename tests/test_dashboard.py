@@ -209,7 +209,7 @@ def test_detail_view_fits_80x24() -> None:
     lines = screen_text(state, 2.0)
     assert len(lines) == 24 and all(len(line) <= 80 for line in lines)
     text = "\n".join(lines)
-    assert "room  STALE" in text and "overruns 5" in text
+    assert "room  STALE" in text and "overrun 5" in text
     assert re.search(r"loud .*┃.* 0\.70 thr 0\.50", text)
     assert re.search(r"●\s+\S+\s+room\s+loud\s+0\.80\s+ongoing", text)
     spectrogram = [line for line in lines if re.fullmatch(r" *[ ░▒▓█]+", line)]
@@ -265,7 +265,7 @@ def test_once_snapshot_of_a_real_daemon(config_file: Path, recording: Path,
     daemon = start_daemon(config_file, recording, endpoint, tmp_path / "daemon.log")
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "monitor.dashboard", endpoint, "--once", "--once-wait", "3"],
+            [sys.executable, "-m", "monitor", "dashboard", endpoint, "--once", "--once-wait", "3"],
             capture_output=True, text=True, timeout=60, cwd=REPO,
             env={**os.environ, "COLUMNS": "100"})
     finally:
@@ -283,7 +283,7 @@ def test_once_snapshot_of_a_real_daemon(config_file: Path, recording: Path,
 
 def test_once_with_nobody_publishing_says_so(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "monitor.dashboard", f"ipc://{tmp_path}/none.sock", "--once",
+        [sys.executable, "-m", "monitor", "dashboard", f"ipc://{tmp_path}/none.sock", "--once",
          "--once-wait", "0.3"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 1
     assert "no messages from" in result.stdout and "no messages from" in result.stderr
@@ -330,6 +330,7 @@ def spectrogram(screen: list[str], width: int) -> list[str]:
     """The rows between the level meter and the first score bar, padded to the pane width."""
     start = next(i for i, line in enumerate(screen) if line.startswith("level ")) + 1
     end = next(i for i, line in enumerate(screen) if line.startswith(("loud ", "quiet ")))
+    assert end - start >= 4
     return [line.ljust(width) for line in screen[start:end]]
 
 
@@ -348,7 +349,7 @@ def test_live_dashboard_in_a_real_terminal(config_file: Path, recording: Path,
     endpoint = f"ipc://{tmp_path}/d.sock"
     width, height = 100, 30
     daemon = start_daemon(config_file, recording, endpoint, tmp_path / "daemon.log")
-    tmux = Tmux(f"dash-test-{os.getpid()}", f"{sys.executable} -m monitor.dashboard {endpoint} "
+    tmux = Tmux(f"dash-test-{os.getpid()}", f"{sys.executable} -m monitor dashboard {endpoint} "
                 f"--stale 1 --offline 3", width=width, height=height)
     try:
         screen = tmux.wait_for(lambda s: "test-room  RUNNING" in "\n".join(s), "the sensor")

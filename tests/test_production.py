@@ -470,3 +470,41 @@ def test_jack_outage_is_degraded_then_healed(tmp_path: Path, tiny_model: Path,
     finally:
         server.stop()
         stop_stale(tmp_path / f"jackd-{name}.pid")
+
+
+def test_jack_restart_keeps_the_daemon_up(tmp_path: Path, tiny_model: Path,
+                                          daemons: list[Daemon]) -> None:
+    """The server dies and comes back: reported as degraded, never an exit. PortAudio's JACK
+    backend may hold the dead stream for minutes; until then the status says so."""
+    require_jackd()
+    name = "am-prod-restart"
+    server = JackServer(name, rate=RATE, period=160, log_dir=tmp_path)
+    server.start()
+    try:
+        d = Daemon(write_config(tmp_path, tiny_model), "mic:system", tmp_path, "--rate",
+                   "16000", env={"JACK_DEFAULT_SERVER": name, "JACK_NO_START_SERVER": "1",
+                                 "JACK_NO_AUDIO_RESERVATION": "1"})
+        daemons.append(d)
+        d.systemd.wait_for("READY", "1", timeout=60)
+        d.pump(1.0)
+        server.stop()
+        server.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and d.statuses()[-1].counters["reconnects"] == 0:
+            d.pump(0.5)
+        final = d.statuses()[-1]
+        assert final.counters["source_errors"] >= 1 and final.last_error, d.log()
+        t0 = time.monotonic()
+        d.pump(1.0)
+        assert pings_between(d, t0, time.monotonic()) >= 5, "a healing mic is not hung"
+        if final.counters["reconnects"]:
+            samples = final.counters["samples"]
+            d.pump(1.5)
+            assert d.statuses()[-1].counters["samples"] > samples + RATE // 2
+        else:
+            assert final.state == "degraded"
+            assert "has not released the dead stream" in str(final.last_error), final
+        assert d.proc.poll() is None, "the daemon never exits"
+    finally:
+        server.stop()
+        stop_stale(tmp_path / f"jackd-{name}.pid")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from monitor.resample import StreamingResampler, downmix_into
+from monitor.resample import StreamingResampler, downmix_into, kaiser_lowpass
 
 RATES = [(48000, 16000), (44100, 16000), (8000, 16000), (22050, 16000)]
 
@@ -127,3 +127,12 @@ def test_downmix_into_means_channels() -> None:
     assert downmix_into(np.ones(7, dtype=np.float32), 2, out) == 3
     with pytest.raises(ValueError):
         downmix_into(np.ones(20, dtype=np.float32), 2, out)
+
+
+@pytest.mark.parametrize(("numtaps", "max_rate"), [(61, 3), (2 * 10 * 160 + 1, 160)])
+def test_filter_design_is_scipys(numtaps: int, max_rate: int) -> None:
+    from scipy.signal import firwin
+
+    expected = firwin(numtaps, 1.0 / max_rate, window=("kaiser", 5.0))
+    np.testing.assert_allclose(kaiser_lowpass(numtaps, 1.0 / max_rate, 5.0), expected,
+                               rtol=0, atol=1e-12)

@@ -97,6 +97,17 @@ def pad(x: np.ndarray, *, seconds: float) -> np.ndarray:
     return np.concatenate([np.zeros(n, np.float32), x, np.zeros(n, np.float32)])
 
 
+def true_onset_s(x: np.ndarray) -> float:
+    """First 10 ms frame whose energy is within 20 dB of the loudest frame's: where the event
+    begins in a clip that has no onset annotation."""
+    frame = SAMPLE_RATE // 100
+    n = len(x) // frame
+    if n == 0:
+        return 0.0
+    energy = np.mean(np.square(x[: n * frame].reshape(n, frame), dtype=np.float64), axis=1)
+    return float(np.flatnonzero(energy >= energy.max() * 0.01)[0] * frame / SAMPLE_RATE)
+
+
 def _rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)) + 1e-12))
 

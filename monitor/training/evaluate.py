@@ -39,6 +39,7 @@ from monitor.training.dataset import (
     load_audio,
     pad,
     read_clips,
+    true_onset_s,
 )
 from monitor.training.features import PAD_S, class_index, extract
 from monitor.training.train import EVAL_HOP_FRAMES, clip_max, head_probs, pr_curve
@@ -51,7 +52,6 @@ ONSET_GAP_S = 6.0
 ONSET_PER_CLASS = 40
 ONSET_MATCH_S = (-1.0, 2.0)
 """A detection counts for an inserted event if it starts this close to its true onset."""
-_FRAME = SAMPLE_RATE // 100
 
 
 @dataclass
@@ -67,15 +67,6 @@ class Evaluation:
     stream: np.ndarray
     stream_events: list[FileEvent]
     true_onsets: list[tuple[str, float]]
-
-
-def true_onset_s(x: np.ndarray) -> float:
-    """First 10 ms frame whose energy is within 20 dB of the loudest frame's."""
-    n = len(x) // _FRAME
-    if n == 0:
-        return 0.0
-    energy = np.mean(np.square(x[: n * _FRAME].reshape(n, _FRAME), dtype=np.float64), axis=1)
-    return float(np.flatnonzero(energy >= energy.max() * 0.01)[0] * _FRAME / SAMPLE_RATE)
 
 
 def _run(detector: Detector, config: Any, audio: np.ndarray, tmp: Path) -> list[FileEvent]:

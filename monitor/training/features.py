@@ -73,6 +73,13 @@ class Embedder:
         return out
 
 
+def embed_signal(x: np.ndarray, *, params: FrontendParams, hop_frames: int,
+                 embedder: Embedder) -> np.ndarray:
+    """(n, 1024) embeddings of every window of one continuous signal (a stream, not clips:
+    windows straddle the joins, as the live detector's do)."""
+    return embedder.embed(windows_of(logmel_of(x, params), hop_frames=hop_frames))
+
+
 def clip_audio(clip: Clip, *, variant: int, seed: int, beds: list[np.ndarray],
                max_s: float | None) -> np.ndarray:
     """Padded waveform of a clip; variant 0 is clean, k > 0 an augmentation drawn from the seed."""

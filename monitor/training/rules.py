@@ -1,0 +1,174 @@
+"""Per-class event rules and the onset lead, chosen on validation score sequences.
+
+Window scores are replayed through the live state machine (`monitor.events`), so a rule
+chosen here behaves exactly as the daemon, `analyze` and `evaluate` will run it. A rule is
+chosen jointly with its threshold: among the candidates that keep validation precision at the
+target and recall at the best plain (1-of-1) recall, the one with the fewest false alarms on a
+continuous validation everyday stream wins; ties go to the fewest near misses (stream events
+of the same rule 0.1 lower), then to the faster rule (fewer windows to confirm).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from monitor.events import ClassEventLogic, ClassRule
+from monitor.frontend import FrontendParams
+from monitor.yamnet import WINDOW_FRAMES
+
+logger = logging.getLogger(__name__)
+
+CONFIRM = ((1, 1), (2, 2), (2, 3), (3, 4), (3, 5))
+"""N-of-M confirmations tried."""
+MIN_DURATION_MS = (0.0, 100.0, 200.0)
+RELEASE_FRACTION = (0.5, 0.8)
+"""Release as a fraction of the threshold (hysteresis)."""
+THRESHOLDS = tuple(round(t, 3) for t in np.arange(0.30, 0.995, 0.01))
+REFRACTORY_MS = 1000.0
+
+
+@dataclass(frozen=True)
+class StreamTiming:
+    """Where scored windows end, in samples, as `monitor.processor.Timing` places them."""
+
+    hop: int
+    win: int
+    stride_frames: int
+    sample_rate: int
+
+    @classmethod
+    def of(cls, params: FrontendParams, *, stride_frames: int) -> StreamTiming:
+        return cls(hop=params.hop_length, win=params.win_length, stride_frames=stride_frames,
+                   sample_rate=params.sample_rate)
+
+    @property
+    def window(self) -> int:
+        """Samples one scored window covers."""
+        return (WINDOW_FRAMES - 1) * self.hop + self.win
+
+    @property
+    def stride(self) -> int:
+        return self.stride_frames * self.hop
+
+    def ends(self, n_windows: int) -> np.ndarray:
+        """(n,) sample just after window k, which starts at frame k * stride_frames."""
+        return np.arange(n_windows, dtype=np.int64) * self.stride + self.window
+
+    def ms(self, samples: float) -> float:
+        return samples * 1000.0 / self.sample_rate
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One rule to try, in card units."""
+
+    threshold: float
+    release: float
+    confirm_n: int
+    confirm_m: int
+    min_duration_ms: float
+
+    def rule(self, sample_rate: int) -> ClassRule:
+        return ClassRule(threshold=self.threshold, release=self.release,
+                         confirm_n=self.confirm_n, confirm_m=self.confirm_m,
+                         min_duration=round(self.min_duration_ms * sample_rate / 1000.0),
+                         refractory=round(REFRACTORY_MS * sample_rate / 1000.0))
+
+    def card_rule(self) -> dict[str, float]:
+        """The `rules.<class>` entry of the card (threshold goes to `thresholds`)."""
+        return {"release": self.release, "confirm_n": self.confirm_n,
+                "confirm_m": self.confirm_m, "min_duration_ms": self.min_duration_ms,
+                "refractory_ms": REFRACTORY_MS}
+
+
+def replay(scores: np.ndarray, rule: ClassRule, timing: StreamTiming, *,
+           onset_lead: int | None = None, first_only: bool = False) -> list[int]:
+    """Onsets (samples) of the events the live state machine raises on one score sequence
+    (only the first with `first_only`)."""
+    logic = ClassEventLogic("c", rule, window=timing.window, stride=timing.stride,
+                            onset_lead=onset_lead)
+    onsets = []
+    ends = timing.ends(scores.shape[0])
+    for score, end in zip(scores.tolist(), ends.tolist(), strict=True):
+        t = logic.update(score, end)
+        if t is not None and t.phase == "start":
+            onsets.append(t.onset)
+            if first_only:
+                break
+    return onsets
+
+
+def _any_event(seqs: list[np.ndarray], cand: Candidate, timing: StreamTiming) -> np.ndarray:
+    rule = cand.rule(timing.sample_rate)
+    return np.array([s.max(initial=0.0) >= cand.threshold
+                     and bool(replay(s, rule, timing, first_only=True)) for s in seqs])
+
+
+def _relaxed(cand: Candidate) -> Candidate:
+    """The same rule 0.1 lower: its stream events are near misses of the real one."""
+    t = max(cand.threshold - 0.1, 0.0)
+    return Candidate(threshold=t, release=min(cand.release, t), confirm_n=cand.confirm_n,
+                     confirm_m=cand.confirm_m, min_duration_ms=cand.min_duration_ms)
+
+
+def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_scores: np.ndarray,
+               timing: StreamTiming, *, target_precision: float) -> tuple[Candidate,
+                                                                         dict[str, Any]]:
+    """Best rule for one class (module docstring). `clip_scores`: this class's score sequence
+    of every validation clip; `stream_scores`: its sequence on the everyday stream."""
+    n_pos = max(int(positive.sum()), 1)
+    rows = []
+    for t in THRESHOLDS:
+        for (n, m), dur, frac in itertools.product(CONFIRM, MIN_DURATION_MS, RELEASE_FRACTION):
+            if (n, m) == (1, 1) and dur == 0.0 and frac != 0.8:
+                continue
+            cand = Candidate(threshold=t, release=round(frac * t, 3), confirm_n=n,
+                             confirm_m=m, min_duration_ms=dur)
+            hit = _any_event(clip_scores, cand, timing)
+            tp, fp = int(np.sum(hit & positive)), int(np.sum(hit & ~positive))
+            precision = tp / max(tp + fp, 1)
+            if precision < target_precision:
+                continue
+            fa = len(replay(stream_scores, cand.rule(timing.sample_rate), timing))
+            rows.append((cand, tp / n_pos, precision, fa))
+        if rows and all(r[1] < 1e-9 for r in rows[-10:]):
+            break
+    if not rows:
+        raise ValueError("no rule reaches the target precision")
+    plain = [r for r in rows if (r[0].confirm_n, r[0].confirm_m) == (1, 1)
+             and r[0].min_duration_ms == 0.0]
+    recall_floor = max((r[1] for r in plain), default=max(r[1] for r in rows))
+    ok = [r for r in rows if r[1] >= recall_floor - 1e-9]
+    near = {r[0]: len(replay(stream_scores, _relaxed(r[0]).rule(timing.sample_rate), timing))
+            for r in ok}
+    best = min(ok, key=lambda r: (r[3], near[r[0]], r[0].confirm_m, r[0].min_duration_ms,
+                                  -r[2], -r[0].threshold))
+    cand, recall, precision, fa = best
+    base = max(plain, key=lambda r: (r[1], r[2])) if plain else best
+    return cand, {"threshold": cand.threshold, "precision": round(precision, 4),
+                  "recall": round(recall, 4), "stream_false_alarms": fa,
+                  "stream_near_misses": near[cand],
+                  "plain_1_of_1": {"threshold": base[0].threshold,
+                                   "precision": round(base[2], 4),
+                                   "recall": round(base[1], 4),
+                                   "stream_false_alarms": base[3]}}
+
+
+def onset_lead_ms(clip_scores: list[np.ndarray], true_onsets: list[int],
+                  thresholds: list[float], timing: StreamTiming) -> float:
+    """Median over validation event clips of (end of the first window at or above the class
+    threshold) - (true onset): how far back from that window's end the sound began."""
+    leads = []
+    for scores, onset, t in zip(clip_scores, true_onsets, thresholds, strict=True):
+        hits = np.flatnonzero(scores >= t)
+        if hits.size:
+            leads.append(int(timing.ends(int(hits[0]) + 1)[-1]) - onset)
+    if not leads:
+        raise ValueError("no validation event clip reaches its threshold")
+    lead = float(np.clip(np.median(leads), 0.0, timing.window))
+    return round(timing.ms(lead), 1)
