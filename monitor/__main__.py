@@ -128,6 +128,24 @@ def _parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--refresh", type=float, default=10.0, metavar="HZ")
     dashboard.set_defaults(handler=_cmd_dashboard)
 
+    learn = sub.add_parser("learn", help="learn a machine's normal sound (a new baseline)")
+    _add_config(learn)
+    learn.add_argument("--machine", required=True, help="machine name, as under `machines:`")
+    learn.add_argument("--source", action="append", default=[], dest="sources",
+                       help="file:PATH (repeatable) or mic / mic:NAME-OR-INDEX")
+    learn.add_argument("--minutes", type=float, default=None,
+                       help="how much to record (mic) or read at most (files)")
+    learn.add_argument("--keep", type=int, default=5, help="baselines kept per machine")
+    learn.set_defaults(handler=_cmd_learn)
+
+    evaluate_anomaly = sub.add_parser("evaluate-anomaly",
+                                      help="ROC AUC / pAUC of the machine-fault scorers")
+    _add_config(evaluate_anomaly)
+    evaluate_anomaly.add_argument("--data", type=Path, default=DATA_DIR)
+    evaluate_anomaly.add_argument("--out", type=Path, default=Path("anomaly-eval.json"))
+    evaluate_anomaly.add_argument("--candidates", nargs="*", default=None)
+    evaluate_anomaly.set_defaults(handler=_cmd_evaluate_anomaly)
+
     train = sub.add_parser("train", help="train the event model's head from real recordings")
     train.add_argument("--data", type=Path, default=DATA_DIR, help="labelled recordings")
     train.add_argument("--models-dir", type=Path, default=MODELS_DIR)
@@ -336,6 +354,26 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     return dashboard_command(args.endpoints, once=args.once, once_wait_s=args.once_wait,
                              stale_s=args.stale, offline_s=args.offline,
                              refresh_hz=args.refresh)
+
+
+def _cmd_learn(args: argparse.Namespace) -> int:
+    from monitor.detector import read_card
+    from monitor.learn import learn_command
+
+    config = _load(args)
+    return learn_command(machine=args.machine, sources=args.sources or [config.source],
+                         minutes=args.minutes, state_dir=config.state_dir,
+                         frontend=read_card(config.model.path).frontend, keep=args.keep)
+
+
+def _cmd_evaluate_anomaly(args: argparse.Namespace) -> int:
+    from monitor.detector import read_card
+    from monitor.learn import evaluate_anomaly_command
+
+    config = _load(args)
+    return evaluate_anomaly_command(data_dir=args.data,
+                                    frontend=read_card(config.model.path).frontend,
+                                    out_json=args.out, candidates=args.candidates)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -26,10 +26,15 @@ class FileEvent:
     start_s: float
     end_s: float
     score: float
+    machine: str | None = None
 
     def to_json(self) -> dict[str, object]:
-        return {"file": self.file, "class": self.label, "start_s": self.start_s,
-                "end_s": self.end_s, "score": self.score}
+        row: dict[str, object] = {"file": self.file, "class": self.label,
+                                  "start_s": self.start_s, "end_s": self.end_s,
+                                  "score": self.score}
+        if self.machine is not None:
+            row["machine"] = self.machine
+        return row
 
 
 class _CollectingSink(NullSink):
@@ -45,7 +50,7 @@ class _CollectingSink(NullSink):
             file=self.file, label=transition.label,
             start_s=round(transition.onset / self.sample_rate, 4),
             end_s=round(transition.offset / self.sample_rate, 4),
-            score=round(transition.peak_score, 4)))
+            score=round(transition.peak_score, 4), machine=transition.machine))
 
 
 def analyze_file(path: Path, *, config: Config,

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from monitor.anomaly import MachineReading
 from monitor.config import Config
 from monitor.detector import Detector
 from monitor.errors import MonitorError
 from monitor.events import EventLogic, Transition
 from monitor.levels import LevelMeter
-from monitor.messages import Event, Level, Scores, Status
+from monitor.messages import Anomaly, Event, Level, Scores, Status
 from monitor.processor import INFERENCE_HISTORY, Processor, resolve_rules
 from monitor.publisher import Publisher
 from monitor.sdnotify import Notifier
@@ -86,13 +87,16 @@ class PublishingSink:
         offset_s = None if transition.offset is None else transition.offset / self.sample_rate
         if transition.phase == "start":
             self.events_started += 1
+        subject = transition.label if transition.machine is None else \
+            f"{transition.label}-{transition.machine}"
         self.publisher.publish(
-            Event, event_id=f"{self.run_id}-{transition.label}-{transition.event_number}",
+            Event, event_id=f"{self.run_id}-{subject}-{transition.event_number}",
             label=transition.label, phase=transition.phase, onset_s=round(onset_s, 4),
             offset_s=None if offset_s is None else round(offset_s, 4),
             onset_time=self.wall(transition.onset),
             offset_time=None if transition.offset is None else self.wall(transition.offset),
-            peak_score=round(transition.peak_score, 4), threshold=transition.threshold)
+            peak_score=round(transition.peak_score, 4), threshold=transition.threshold,
+            machine=transition.machine)
         logger.info("event %s %s at %.2f s (score %.2f)", transition.label, transition.phase,
                     offset_s if offset_s is not None else onset_s, transition.peak_score)
 
@@ -105,6 +109,12 @@ class PublishingSink:
         self.publisher.publish(Scores, t_audio_s=round(end / self.sample_rate, 4),
                                top=[[self.classes[i], round(float(scores[i]), 4),
                                      self.thresholds.get(self.classes[i])] for i in best])
+
+    def on_machine(self, reading: MachineReading) -> None:
+        self.publisher.publish(Anomaly, machine=reading.machine,
+                               t_audio_s=round(reading.end / self.sample_rate, 4),
+                               score=round(reading.score, 4),
+                               threshold=round(reading.threshold, 4), running=reading.running)
 
     def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None:
         mel = np.add.reduceat(mel_frame, self._mel_edges) / np.diff(

@@ -39,6 +39,8 @@ class Transition:
     offset: int | None
     peak_score: float
     threshold: float
+    machine: str | None = None
+    """The watched machine, for `machine_fault` transitions."""
 
 
 class _State(Enum):

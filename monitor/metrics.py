@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from monitor.anomaly import MachineReading
 from monitor.errors import ConfigError
 from monitor.events import Transition
 from monitor.levels import LevelMeter
@@ -118,6 +119,9 @@ class MetricsSink:
 
     def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None:
         self.inner.on_level(end, meter, mel_frame)
+
+    def on_machine(self, reading: MachineReading) -> None:
+        self.inner.on_machine(reading)
 
 
 class MetricsServer:

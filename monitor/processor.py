@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import difflib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
 
+from monitor.anomaly import MachineReading, MachineScorer
 from monitor.config import Config, EventRule
 from monitor.detector import Detector
 from monitor.errors import ConfigError
@@ -26,6 +27,9 @@ from monitor.levels import LevelMeter
 from monitor.resample import StreamingResampler, downmix_into
 
 INFERENCE_HISTORY = 512
+DEFAULT_METER_HZ = 10.0
+MACHINE_WIRING = True
+"""Machine anomaly scorers run beside the event detector (tests check for this)."""
 
 
 class Sink(Protocol):
@@ -36,6 +40,8 @@ class Sink(Protocol):
     def on_scores(self, end: int, scores: np.ndarray) -> None: ...
 
     def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None: ...
+
+    def on_machine(self, reading: MachineReading) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,8 @@ class Timing:
     window_frames: int
     stride_frames: int
     level_span: int
-    """Samples per `level` message (0: no levels)."""
+    """Samples per level span: one `level` message, one update of the meter."""
+    publish_levels: bool
 
     @property
     def detector_window(self) -> int:
@@ -69,11 +76,11 @@ def derive_timing(config: Config, detector: Detector) -> Timing:
     params = detector.card.frontend
     hop = params.hop_length
     stride_frames = max(1, round(config.model.stride_ms / params.hop_ms))
-    level_span = (round(params.sample_rate / config.publish.level_hz)
-                  if config.publish.level_hz > 0 else 0)
+    level_hz = config.publish.level_hz or DEFAULT_METER_HZ  # machines' level gate needs a meter
     return Timing(sample_rate=params.sample_rate, hop=hop, window=params.win_length,
                   window_frames=detector.window_frames, stride_frames=stride_frames,
-                  level_span=level_span)
+                  level_span=round(params.sample_rate / level_hz),
+                  publish_levels=config.publish.level_hz > 0)
 
 
 def resolve_rules(config: Config, detector: Detector, timing: Timing) -> dict[str, ClassRule]:
@@ -130,6 +137,9 @@ class NullSink:
     def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None:
         pass
 
+    def on_machine(self, reading: MachineReading) -> None:
+        pass
+
 
 class Processor:
     """Turns blocks of interleaved device audio into scores, levels and event transitions."""
@@ -148,6 +158,9 @@ class Processor:
         self.frontend = Frontend(detector.card.frontend, max_block=max_block)
         self.resampler = StreamingResampler(in_rate, timing.sample_rate, max_block=max_block)
         self.meter = LevelMeter()
+        self.machines = [MachineScorer.load(config.state_dir, name,
+                                            frontend=detector.card.frontend, config=settings)
+                         for name, settings in config.machines.items()]
         self._mono = np.zeros(max_block, dtype=np.float32)
         self._resampled = np.zeros(self.resampler.max_output(max_block), dtype=np.float32)
         self._frames = np.zeros((self.frontend.max_frames(self._resampled.shape[0]),
@@ -173,19 +186,18 @@ class Processor:
     def _consume(self, block: np.ndarray) -> None:
         span = self.timing.level_span
         while block.shape[0]:
-            take = block.shape[0] if span == 0 else min(block.shape[0],
-                                                        span - self._level_filled)
+            take = min(block.shape[0], span - self._level_filled)
             piece = block[:take]
             self.meter.condition(piece)
             n_frames = self.frontend.process(piece, self._frames)
             self.samples += take
             for i in range(n_frames):
                 self._on_frame(self._frames[i])
-            if span:
-                self._level_filled += take
-                if self._level_filled == span:
-                    self._level_filled = 0
-                    self.meter.close_span()
+            self._level_filled += take
+            if self._level_filled == span:
+                self._level_filled = 0
+                self.meter.close_span()
+                if self.timing.publish_levels:
                     self.sink.on_level(self.samples, self.meter, self.detector.latest_frame)
             block = block[take:]
 
@@ -194,6 +206,11 @@ class Processor:
         detector.push(frame)
         self.frames += 1
         timing = self.timing
+        for scorer in self.machines:
+            reading = scorer.update(frame, timing.frame_end(self.frames - 1),
+                                    self.meter.rms_dbfs)
+            if reading is not None:
+                self._on_machine(reading)
         if not detector.window_full or \
                 (self.frames - timing.window_frames) % timing.stride_frames:
             return
@@ -208,6 +225,11 @@ class Processor:
         for transition in self.events.update(scores, end):
             self.sink.on_transition(transition)
 
+    def _on_machine(self, reading: MachineReading) -> None:
+        self.sink.on_machine(reading)
+        if reading.transition is not None:
+            self.sink.on_transition(replace(reading.transition, machine=reading.machine))
+
     def warm_up(self) -> None:
         """Compile every Numba kernel and run the model once, then forget it all, so the
         first real audio is not late (cold JIT takes seconds)."""
@@ -220,6 +242,8 @@ class Processor:
         self.resampler.reset()
         self.detector.reset()
         self.events.reset()
+        for scorer in self.machines:
+            scorer.reset()
         self.meter = LevelMeter()
         self.samples = self.frames = self.windows = 0
         self._level_filled = 0
@@ -229,6 +253,10 @@ class Processor:
         """The stream ended: close active events."""
         for transition in self.events.flush(self.samples):
             self.sink.on_transition(transition)
+        for scorer in self.machines:
+            fault = scorer.flush(self.samples)
+            if fault is not None:
+                self.sink.on_transition(replace(fault, machine=scorer.machine))
 
     def inference_stats(self) -> tuple[float, float]:
         """(median, max) inference milliseconds over recent windows, then start afresh."""

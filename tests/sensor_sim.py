@@ -13,10 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitor.catchup import CatchupServer  # noqa: E402
-from monitor.journal import Journal  # noqa: E402
-from monitor.messages import Event, Status  # noqa: E402
-from monitor.publisher import Publisher  # noqa: E402
+from monitor.catchup import CatchupServer
+from monitor.journal import Journal
+from monitor.messages import Event, Status
+from monitor.publisher import Publisher
 
 
 def main() -> int:

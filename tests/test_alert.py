@@ -37,7 +37,7 @@ class Webhook:
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 with outer._lock:
                     outer.requests += 1
@@ -172,10 +172,10 @@ def test_sensor_restart_keeps_seq_monotonic_and_loses_nothing(tmp_path: Path) ->
         hook.wait_for(100, timeout_s=60)
         first.send_signal(signal.SIGKILL)  # power cut: no clean shutdown
         first.wait(10)
+        with sqlite3.connect(tmp_path / "state-s1" / "journal.db") as conn:
+            journaled_a = conn.execute("SELECT count(*) FROM events").fetchone()[0]
         second = sensor(tmp_path, "s1", events=300, rate=300.0, run="b")
         try:
-            with sqlite3.connect(tmp_path / "state-s1" / "journal.db") as conn:
-                journaled_a = conn.execute("SELECT count(*) FROM events").fetchone()[0]
             hook.wait_for(journaled_a + 300, timeout_s=60)
             time.sleep(0.5)
         finally:

@@ -193,7 +193,7 @@ class Daemon:
                  env: dict[str, str] | None = None) -> None:
         self.systemd = NotifySocket(str(tmp / "notify.sock"))
         self.endpoint = f"ipc://{tmp}/pub.sock"
-        self.sub = zmq.Context.instance().socket(zmq.SUB)
+        self.sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt_string(zmq.SUBSCRIBE, "")
         self.sub.connect(self.endpoint)

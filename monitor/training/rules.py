@@ -28,7 +28,7 @@ CONFIRM = ((1, 1), (2, 2), (2, 3), (3, 4), (3, 5))
 MIN_DURATION_MS = (0.0, 100.0, 200.0)
 RELEASE_FRACTION = (0.5, 0.8)
 """Release as a fraction of the threshold (hysteresis)."""
-THRESHOLDS = tuple(round(t, 3) for t in np.arange(0.30, 0.995, 0.01))
+THRESHOLDS = tuple(round(float(t), 3) for t in np.arange(0.30, 0.995, 0.01))
 REFRACTORY_MS = 1000.0
 
 
@@ -127,7 +127,7 @@ def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_score
         for (n, m), dur, frac in itertools.product(CONFIRM, MIN_DURATION_MS, RELEASE_FRACTION):
             if (n, m) == (1, 1) and dur == 0.0 and frac != 0.8:
                 continue
-            cand = Candidate(threshold=t, release=round(frac * t, 3), confirm_n=n,
+            cand = Candidate(threshold=t, release=round(float(frac * t), 3), confirm_n=n,
                              confirm_m=m, min_duration_ms=dur)
             hit = _any_event(clip_scores, cand, timing)
             tp, fp = int(np.sum(hit & positive)), int(np.sum(hit & ~positive))

@@ -29,8 +29,25 @@ from monitor.training.compose import (
     OUTPUT_NAME,
     compose_events_model,
 )
-from monitor.training.dataset import CLASSES, EVENT_CLASSES, Clip, load_audio, read_clips
-from monitor.training.features import MAX_TRAIN_S, Embedder, Windows, class_index, extract
+from monitor.training.dataset import (
+    CLASSES,
+    EVENT_CLASSES,
+    SAMPLE_RATE,
+    Clip,
+    load_audio,
+    read_clips,
+    true_onset_s,
+)
+from monitor.training.features import (
+    MAX_TRAIN_S,
+    PAD_S,
+    Embedder,
+    Windows,
+    class_index,
+    embed_signal,
+    extract,
+)
+from monitor.training.rules import StreamTiming, onset_lead_ms, tune_class
 from monitor.yamnet import MODEL_FILE, WINDOW_FRAMES
 
 logger = logging.getLogger(__name__)
@@ -214,23 +231,68 @@ def train(data_dir: Path, models_dir: Path, *, seed: int = 0,
         val_metrics[name] = {"threshold": t, "precision": round(tp / max(tp + fp, 1), 4),
                              "recall": round(tp / max(int(positive.sum()), 1), 4),
                              "clips": int(positive.sum())}
+    rules, lead_ms, stream_hours = _tune_rules(head, val, val_clips, val_cls, params=params,
+                                               embedder=embedder, validation=val_metrics)
+    thresholds = {name: val_metrics[name]["threshold"] for name in EVENT_CLASSES}
     models_dir.mkdir(parents=True, exist_ok=True)
     np.savez(models_dir / HEAD_FILE, w1=head["w1"], b1=head["b1"])
     target = compose_events_model(models_dir, check=False)
     sha = hashlib.sha256(target.read_bytes()).hexdigest()
     card = build_card(params_dict=params.to_dict() | {"hash": params.hash()}, sha256=sha,
                       thresholds=thresholds, clips=clips, seed=seed, windows=int(sel.size),
-                      validation=val_metrics, temperature=temperature)
+                      validation=val_metrics, temperature=temperature, rules=rules,
+                      onset_lead_ms=lead_ms, val_stream_hours=stream_hours)
     write_card(models_dir / CARD_FILE, card)
     elapsed = time.perf_counter() - t0
     logger.info("training took %.1f s (features %.1f s)", elapsed, t_feat)
-    return {"thresholds": thresholds, "temperature": temperature, "validation": val_metrics,
+    return {"thresholds": thresholds, "rules": rules, "onset_lead_ms": lead_ms,
+            "temperature": temperature, "validation": val_metrics,
             "seconds": round(elapsed, 1), "sha256": sha}
+
+
+def _tune_rules(head: dict[str, np.ndarray], val: Windows, val_clips: list[Clip],
+                val_cls: np.ndarray, *, params: Any, embedder: Embedder,
+                validation: dict[str, Any]) -> tuple[dict[str, dict[str, float]], float, float]:
+    """Per-class rules and thresholds (`monitor.training.rules`) on validation clips and a
+    validation everyday stream (validation non_fall + background clips joined), then the onset
+    lead at the chosen thresholds. Updates `validation` in place; returns (rules, onset lead
+    ms, stream hours)."""
+    probs = head_probs(head, val.emb)
+    seqs = np.split(probs, np.flatnonzero(np.diff(val.clip)) + 1)
+    if len(seqs) != len(val_clips):
+        raise MonitorError(f"{len(val_clips)} validation clips gave {len(seqs)} window runs; "
+                           "every clip must fill at least one window")
+    everyday = [c for c in val_clips if c.cls == "other"]
+    stream = np.concatenate([load_audio(c.path) for c in everyday])
+    stream_probs = head_probs(head, embed_signal(stream, params=params,
+                                                 hop_frames=EVAL_HOP_FRAMES, embedder=embedder))
+    hours = len(stream) / SAMPLE_RATE / 3600.0
+    timing = StreamTiming.of(params, stride_frames=EVAL_HOP_FRAMES)
+    rules = {}
+    for c, name in enumerate(EVENT_CLASSES):
+        cand, info = tune_class([s[:, c] for s in seqs], val_cls == c, stream_probs[:, c],
+                                timing, target_precision=TARGET_PRECISION)
+        rules[name] = cand.card_rule()
+        validation[name] = info | {"clips": int(np.sum(val_cls == c)),
+                                   "stream_hours": round(hours, 4)}
+        logger.info("%s: rule %s, validation %s", name, cand, info)
+    event_idx = [i for i, c in enumerate(val_clips) if c.cls in EVENT_CLASSES]
+    pad = PAD_S * SAMPLE_RATE
+    onsets = [round(pad + true_onset_s(load_audio(val_clips[i].path)) * SAMPLE_RATE)
+              for i in event_idx]
+    cls_of = [EVENT_CLASSES.index(val_clips[i].cls) for i in event_idx]
+    lead = onset_lead_ms([seqs[i][:, k] for i, k in zip(event_idx, cls_of, strict=True)],
+                         onsets,
+                         [validation[EVENT_CLASSES[k]]["threshold"] for k in cls_of], timing)
+    logger.info("onset lead %.1f ms (validation median)", lead)
+    return rules, lead, hours
 
 
 def build_card(*, params_dict: dict[str, Any], sha256: str, thresholds: dict[str, float],
                clips: list[Clip], seed: int, windows: int,
-               validation: dict[str, Any], temperature: float) -> dict[str, Any]:
+               validation: dict[str, Any], temperature: float,
+               rules: dict[str, dict[str, float]], onset_lead_ms: float,
+               val_stream_hours: float) -> dict[str, Any]:
     """Model card, schema 1 (as `monitor.detector.read_card` reads it) plus training facts."""
     sources: dict[tuple[str, str], dict[str, Any]] = {}
     for c in clips:
@@ -260,6 +322,8 @@ def build_card(*, params_dict: dict[str, Any], sha256: str, thresholds: dict[str
         "frontend": params_dict,
         "window_frames": WINDOW_FRAMES,
         "thresholds": thresholds,
+        "rules": rules,
+        "onset_lead_ms": onset_lead_ms,
         "license": ("Head weights (event-head.npz): Apache-2.0, trained by this project. The "
                     "YAMNet part keeps the terms stated in yamnet.json and is not "
                     "redistributed: it is downloaded and composed at install."),
@@ -279,9 +343,16 @@ def build_card(*, params_dict: dict[str, Any], sha256: str, thresholds: dict[str
             "windows": windows,
             "softmax_temperature": temperature,
             "sources": sorted(sources.values(), key=lambda e: e["source"]),
-            "thresholds_from": ("validation clips, clip positive if any 100 ms-stride window "
-                                f">= threshold; lowest threshold keeping precision >= "
-                                f"{TARGET_PRECISION}"),
+            "thresholds_from": ("validation clips, clip positive if the live event logic "
+                                "(100 ms stride) raises the class in it; threshold and rule "
+                                "chosen together: precision >= "
+                                f"{TARGET_PRECISION}, recall >= the best plain 1-of-1 rule's, "
+                                "then fewest false alarms on the validation everyday stream "
+                                f"({val_stream_hours:.4f} h: validation non_fall + background "
+                                "clips joined), then fewest near misses, then fastest"),
+            "onset_lead_from": ("validation event clips: median of (end of the first window "
+                                "at or above the class threshold) - (first 10 ms frame "
+                                "within 20 dB of the clip's peak)"),
             "validation": validation,
         },
     }
