@@ -35,7 +35,6 @@ from typing import Any
 
 import numba
 import numpy as np
-from scipy.signal import lfilter
 
 from monitor.config import MachineConfig
 from monitor.errors import ModelError
@@ -136,6 +135,8 @@ def ema(raw: np.ndarray, alpha: float) -> np.ndarray:
     """Exponential smoothing as the run-time scorer does it (starts at the first value)."""
     if raw.shape[0] == 0 or alpha >= 1.0:
         return np.asarray(raw, dtype=np.float64)
+    from scipy.signal import lfilter  # learning only: keeps scipy.signal out of the daemon
+
     out, _ = lfilter([alpha], [1.0, alpha - 1.0], raw, zi=[(1.0 - alpha) * raw[0]])
     return np.asarray(out)
 

@@ -206,3 +206,45 @@ def _event(*, seq: int) -> Event:
     return Event(sensor_id="s1", seq=seq, ts=time.time(), event_id="e1", label="Cough",
                  phase="start", onset_s=0.0, offset_s=None, onset_time=time.time(),
                  offset_time=None, peak_score=0.9, threshold=0.5)
+
+
+def test_ack_cancels_escalation_and_unacked_escalates(tmp_path: Path) -> None:
+    from monitor.alert import send_ack
+
+    context = zmq.Context()
+    pub = context.socket(zmq.XPUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    endpoint = f"ipc://{tmp_path}/raw.pub"
+    pub.bind(endpoint)
+    path = tmp_path / "alert.yaml"
+    path.write_text(json.dumps({
+        "subscribe": [{"endpoint": endpoint}], "state": str(tmp_path / "alert.db"),
+        "ack_endpoint": f"ipc://{tmp_path}/ack.sock",
+        "rules": [{"name": "r", "actions": [{"type": "log"}],
+                   "escalate": {"after_s": 1.0, "actions": [{"type": "log"}]}}]}))
+    daemon = AlertDaemon(load_alert_config(path), context=context)
+    halt, ready = threading.Event(), threading.Event()
+    thread = threading.Thread(target=daemon.run, args=(halt,), kwargs={"ready": ready})
+    thread.start()
+    try:
+        assert ready.wait(10) and pub.poll(5000)
+        for seq, event_id in ((1, "e1"), (2, "e2")):
+            event = Event(**{**_event(seq=seq).__dict__, "event_id": event_id})
+            pub.send_multipart(encode(event))
+        deadline = time.monotonic() + 10
+        while daemon.counters["events"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert send_ack(f"ipc://{tmp_path}/ack.sock", "e1", by="nurse") == \
+            {"ok": True, "cancelled": 1}
+        time.sleep(2.0)  # past after_s
+    finally:
+        halt.set()
+        thread.join(10)
+        pub.close()
+        context.term()
+    outbox = Outbox(tmp_path / "alert.db")
+    states = {r["key"]: r["state"] for r in outbox.rows()}
+    outbox.close()
+    assert states == {"s1|e1|start|r/log0": "delivered", "s1|e2|start|r/log0": "delivered",
+                      "s1|e1|start|r/escalate/log0": "cancelled",
+                      "s1|e2|start|r/escalate/log0": "delivered"}
