@@ -22,6 +22,7 @@ from monitor.errors import MonitorError
 logger = logging.getLogger("monitor")
 
 EXIT_USER_ERROR = 2
+EXIT_RESTART = 75  # EX_TEMPFAIL: the audio device needs a new process (systemd restarts it)
 FAULTS_ENV = "AUDIO_MONITOR_FAULTS"  # 1: enable test-only fault injection signals
 
 
@@ -228,6 +229,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         stack.close()
         if metrics is not None:
             metrics.close()
+    if daemon.restart_required:
+        # A normal exit would run PortAudio's teardown, which hangs on the dead stream.
+        logging.shutdown()
+        os._exit(EXIT_RESTART)
     return 0
 
 

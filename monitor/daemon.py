@@ -19,10 +19,10 @@ from monitor.anomaly import MachineReading
 from monitor.config import Config
 from monitor.detector import Detector
 from monitor.errors import MonitorError
-from monitor.events import EventLogic, Transition
+from monitor.events import Transition
 from monitor.levels import LevelMeter
 from monitor.messages import Anomaly, Event, Level, Scores, Status
-from monitor.processor import INFERENCE_HISTORY, Processor, resolve_rules
+from monitor.processor import Processor, resolve_rules
 from monitor.publisher import Publisher
 from monitor.sdnotify import Notifier
 from monitor.sources import FileSource, MicSource, Source, StdinSource, parse_source
@@ -157,6 +157,8 @@ class Daemon:
         self.frozen = threading.Event()
         """Test hook (fault injection): while set the loop reads no audio."""
         self.processing_s = 0.0
+        self.restart_required = False
+        """Set when the source can only recover in a new process (see MicSource)."""
 
     def run(self, stop: threading.Event) -> None:
         """Process until `stop` is set or a finite source is exhausted."""
@@ -184,6 +186,11 @@ class Daemon:
                 if now >= next_poll:
                     source.poll(now)
                     next_poll = now + POLL_INTERVAL_S
+                    if getattr(source, "needs_restart", False):
+                        self.restart_required = True
+                        logger.error("%s; only a new process can recover the device: exiting "
+                                     "for the service manager to restart", source.last_error)
+                        break
                     if self.reload_requested.is_set():
                         self.reload()
                     self.health.tick(now, self._progress(), self._describe)
@@ -193,7 +200,8 @@ class Daemon:
                     next_status = now + status_every
         finally:
             self.health.stopping(f"stopping: {self._describe()}")
-            source.stop()
+            if not self.restart_required:  # stopping a dead PortAudio stream would hang
+                source.stop()
             if stop.is_set():
                 self._drain()
             processor.finish()
@@ -233,10 +241,7 @@ class Daemon:
             return False
         for transition in processor.events.flush(processor.samples):
             processor.sink.on_transition(transition)
-        timing = processor.timing
-        processor.rules = rules
-        processor.events = EventLogic(rules, processor.detector.classes,
-                                      window=timing.detector_window, stride=timing.stride)
+        processor.set_rules(rules)
         self.sink.thresholds = {name: rule.threshold for name, rule in rules.items()}
         restart = [key for key in ("source", "sensor_id", "audio", "model", "publish")
                    if getattr(config, key) != getattr(self.config, key)]
@@ -267,9 +272,7 @@ class Daemon:
 
     def last_inference_ms(self) -> float:
         """Latency of the latest scored window (for the metrics histogram)."""
-        processor = self.processor
-        return float(processor._inference_ms[(processor._inference_count - 1)
-                                             % INFERENCE_HISTORY])
+        return self.processor.last_inference_ms()
 
     def gauges(self) -> dict[str, float]:
         """Values beside `counters()` for metrics; `*_seconds_total` ones only grow."""

@@ -148,11 +148,7 @@ class Processor:
                  max_block: int, sink: Sink) -> None:
         self.detector = detector
         self.timing = timing = derive_timing(config, detector)
-        self.rules = resolve_rules(config, detector, timing)
-        lead_ms = detector.card.onset_lead_ms
-        self.events = EventLogic(
-            self.rules, detector.classes, window=timing.detector_window, stride=timing.stride,
-            onset_lead=None if lead_ms is None else round(lead_ms * timing.sample_rate / 1000))
+        self.set_rules(resolve_rules(config, detector, timing))
         self.channels = channels
         self.sink = sink
         self.frontend = Frontend(detector.card.frontend, max_block=max_block)
@@ -182,6 +178,15 @@ class Processor:
             n_mono = downmix_into(piece, self.channels, self._mono)
             n = self.resampler.process(self._mono[:n_mono], self._resampled)
             self._consume(self._resampled[:n])
+
+    def set_rules(self, rules: dict[str, ClassRule]) -> None:
+        """Use new event rules from the next window on (start-up, SIGHUP reload)."""
+        timing, detector = self.timing, self.detector
+        lead_ms = detector.card.onset_lead_ms
+        self.rules = rules
+        self.events = EventLogic(
+            rules, detector.classes, window=timing.detector_window, stride=timing.stride,
+            onset_lead=None if lead_ms is None else round(lead_ms * timing.sample_rate / 1000))
 
     def _consume(self, block: np.ndarray) -> None:
         span = self.timing.level_span
@@ -257,6 +262,10 @@ class Processor:
             fault = scorer.flush(self.samples)
             if fault is not None:
                 self.sink.on_transition(replace(fault, machine=scorer.machine))
+
+    def last_inference_ms(self) -> float:
+        """Latency of the latest scored window."""
+        return float(self._inference_ms[(self._inference_count - 1) % INFERENCE_HISTORY])
 
     def inference_stats(self) -> tuple[float, float]:
         """(median, max) inference milliseconds over recent windows, then start afresh."""

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 profile="${1:-run}"
 
 packages=(libportaudio2 libsndfile1 python3-venv)
-[ "$profile" = dev ] && packages+=(jackd2 tmux)
+[ "$profile" = dev ] && packages+=(jackd2 tmux systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -28,6 +28,7 @@ from monitor.training.compose import (
 )
 from monitor.training.dataset import CLASSES, read_clips, split_of
 from monitor.training.features import Windows
+from monitor.training.rules import StreamTiming, onset_lead_ms, replay, tune_class
 from monitor.training.train import choose_threshold, head_probs, pick_windows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,3 +156,34 @@ def test_live_chain_finds_coughs_in_held_out_cough_clips(shared_data: Path) -> N
 def test_live_chain_reports_no_fall_in_held_out_everyday_sounds(shared_data: Path) -> None:
     found = _labels_found(_held_out(shared_data, "non_fall", 8))
     assert sum("fall" in f for f in found) <= 1, found
+
+
+def _timing() -> StreamTiming:
+    return StreamTiming(hop=160, win=400, stride_frames=10, sample_rate=16000)
+
+
+def test_rule_tuning_prefers_confirmation_that_removes_stream_blips() -> None:
+    # positives: the class scores 0.9 for 5 windows; negatives stay low; the everyday
+    # stream has 3 one-window blips at 0.95 that a plain 1-of-1 rule would report
+    timing = _timing()
+    pos = [np.r_[np.zeros(5), np.full(5, 0.9), np.zeros(5)] for _ in range(10)]
+    neg = [np.full(15, 0.1) for _ in range(10)]
+    stream = np.zeros(300)
+    stream[[50, 150, 250]] = 0.95
+    positive = np.array([True] * 10 + [False] * 10)
+    cand, info = tune_class(pos + neg, positive, stream, timing, target_precision=0.9)
+    assert info["recall"] == 1.0 and info["precision"] == 1.0
+    assert info["plain_1_of_1"]["stream_false_alarms"] == 3
+    assert info["stream_false_alarms"] == 0
+    assert cand.confirm_n >= 2 or cand.min_duration_ms > 0
+    assert replay(stream, cand.rule(timing.sample_rate), timing) == []
+    assert len(replay(pos[0], cand.rule(timing.sample_rate), timing)) == 1
+
+
+def test_onset_lead_is_median_first_hit_window_end_minus_true_onset() -> None:
+    timing = _timing()
+    scores = np.array([0.1, 0.2, 0.95, 0.9, 0.1])  # first hit: window 2
+    first_hit_end = 2 * timing.stride + timing.window
+    onsets = [first_hit_end - 4800, first_hit_end - 8000, first_hit_end - 6400]
+    lead = onset_lead_ms([scores] * 3, onsets, [0.9] * 3, timing)
+    assert lead == 400.0  # 6400 samples at 16 kHz

@@ -472,10 +472,11 @@ def test_jack_outage_is_degraded_then_healed(tmp_path: Path, tiny_model: Path,
         stop_stale(tmp_path / f"jackd-{name}.pid")
 
 
-def test_jack_restart_keeps_the_daemon_up(tmp_path: Path, tiny_model: Path,
-                                          daemons: list[Daemon]) -> None:
-    """The server dies and comes back: reported as degraded, never an exit. PortAudio's JACK
-    backend may hold the dead stream for minutes; until then the status says so."""
+def test_jack_restart_recovers_or_hands_over_to_the_service_manager(
+        tmp_path: Path, tiny_model: Path, daemons: list[Daemon]) -> None:
+    """The server dies and comes back. Either capture reconnects in-process, or PortAudio's
+    JACK backend holds the dead stream (it can for ten minutes): then the daemon reports it
+    and exits with 75 (EX_TEMPFAIL) for systemd to restart it, instead of hanging."""
     require_jackd()
     name = "am-prod-restart"
     server = JackServer(name, rate=RATE, period=160, log_dir=tmp_path)
@@ -489,22 +490,20 @@ def test_jack_restart_keeps_the_daemon_up(tmp_path: Path, tiny_model: Path,
         d.pump(1.0)
         server.stop()
         server.start()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and d.statuses()[-1].counters["reconnects"] == 0:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and d.proc.poll() is None \
+                and d.statuses()[-1].counters["reconnects"] == 0:
             d.pump(0.5)
         final = d.statuses()[-1]
         assert final.counters["source_errors"] >= 1 and final.last_error, d.log()
-        t0 = time.monotonic()
-        d.pump(1.0)
-        assert pings_between(d, t0, time.monotonic()) >= 5, "a healing mic is not hung"
         if final.counters["reconnects"]:
             samples = final.counters["samples"]
             d.pump(1.5)
             assert d.statuses()[-1].counters["samples"] > samples + RATE // 2
+            assert d.proc.poll() is None, "a recovered daemon keeps running"
         else:
-            assert final.state == "degraded"
+            assert d.proc.wait(20) == 75, d.log()
             assert "has not released the dead stream" in str(final.last_error), final
-        assert d.proc.poll() is None, "the daemon never exits"
     finally:
         server.stop()
         stop_stale(tmp_path / f"jackd-{name}.pid")
