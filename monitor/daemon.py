@@ -292,6 +292,7 @@ class Daemon:
 
     def counters(self) -> dict[str, int]:
         source, processor, meter = self.source, self.processor, self.processor.meter
+        journal = self.publisher.journal
         return {
             "samples": processor.samples,
             "frames": processor.frames,
@@ -309,6 +310,8 @@ class Daemon:
             "clipped_samples": meter.clipped_total,
             "publish_sent": self.publisher.sent,
             "publish_dropped": self.publisher.dropped,
+            "journal_written": journal.written if journal is not None else 0,
+            "journal_errors": journal.errors if journal is not None else 0,
         }
 
     def publish_status(self, state: str) -> None:

@@ -58,6 +58,8 @@ class Publisher:
                               "pick a free port or path") from err
         self.bound_endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._journal = journal
+        self.journal = journal
+        """The durable event journal, when configured (its counters go into `status`)."""
         self._seq = 0 if journal is None else journal.start_seq(sensor_id)
         self._reserved = self._seq
         self.sent = 0

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
+# Daemons started by tests keep their state (event journal, baselines) in a throw-away home.
+os.environ["HOME"] = tempfile.mkdtemp(prefix="audio-monitor-test-home-")
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache"
                                              / "numba"))
 

@@ -15,7 +15,7 @@ from monitor.detector import Detector
 from monitor.errors import ConfigError, ModelError
 from monitor.events import Transition
 from monitor.levels import LevelMeter
-from monitor.processor import Processor, resolve_rules, derive_timing
+from monitor.processor import Processor, derive_timing, resolve_rules
 
 
 class Recorder:
