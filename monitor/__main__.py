@@ -1,4 +1,4 @@
-"""Command line: `audio-monitor run|devices|listen|analyze|demo|fetch-models`.
+"""Command line: `audio-monitor run|devices|listen|analyze|demo|dashboard|alert|...`.
 
 Only wiring lives here. A user error (bad config, missing model, unknown device) is
 printed as one line and exits with status 2, without a traceback.
