@@ -271,7 +271,9 @@ def _proc_stat(pid: int) -> tuple[float, int]:
     ticks = os.sysconf("SC_CLK_TCK")
     cpu = (int(fields[11]) + int(fields[12])) / ticks
     with open(f"/proc/{pid}/status") as handle:
-        rss = next(int(line.split()[1]) for line in handle if line.startswith("VmRSS"))
+        fields = dict(line.split(":", 1) for line in handle if line.startswith("Rss"))
+    # Private memory plus mapped files; shared memory (a JACK server's buffers) is not ours.
+    rss = sum(int(fields[key].split()[0]) for key in ("RssAnon", "RssFile") if key in fields)
     return cpu, rss
 
 
@@ -311,6 +313,47 @@ def bench_resources(path: Path, seconds: float) -> dict[str, Any]:
     return results
 
 
+def bench_live_mic(seconds: float) -> dict[str, Any]:
+    """CPU and RSS of the daemon capturing a real PortAudio stream (JACK dummy driver, 10 ms
+    periods): the live deployment shape, without a file decoder in the capture path."""
+    import shutil
+
+    if shutil.which("jackd") is None or shutil.which("jack_lsp") is None:
+        return {"skipped": "jackd not installed (Debian jackd2)"}
+    name = f"am-bench-{os.getpid()}"
+    env = {**os.environ, "JACK_NO_AUDIO_RESERVATION": "1", "JACK_DEFAULT_SERVER": name,
+           "JACK_NO_START_SERVER": "1", "NUMBA_CACHE_DIR": str(REPO / ".cache" / "numba")}
+    server = subprocess.Popen(["jackd", "--no-realtime", "-n", name, "-d", "dummy", "-r",
+                               str(RATE), "-p", "160"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if subprocess.run(["jack_lsp"], env=env, capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        with tempfile.TemporaryDirectory() as folder:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "monitor", "run", "--source", "mic:system", "--rate",
+                 str(RATE), "--publish", f"ipc://{folder}/mic.sock", "--config",
+                 str(REPO / "config.yaml")],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(5.0)
+            if proc.poll() is not None:
+                return {"skipped": f"daemon exited with {proc.returncode}"}
+            cpu0, _ = _proc_stat(proc.pid)
+            wall0 = time.perf_counter()
+            time.sleep(seconds)
+            cpu1, rss = _proc_stat(proc.pid)
+            result = {"cpu_percent_of_one_core": 100.0 * (cpu1 - cpu0)
+                      / (time.perf_counter() - wall0), "rss_mb": rss / 1024.0}
+            proc.terminate()
+            proc.wait(20)
+            return result
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("--quick", action="store_true", help="short version for CI")
@@ -329,6 +372,7 @@ def main() -> int:
         "analyze": bench_analyze(path),
         "end_to_end_latency": bench_latency(path, 10.0 if args.quick else 60.0),
         "resources_realtime": bench_resources(path, 5.0 if args.quick else 30.0),
+        "resources_live_mic": bench_live_mic(5.0 if args.quick else 30.0),
     }
     print(render(results))
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -339,7 +383,7 @@ def main() -> int:
 
 def render(r: dict[str, Any]) -> str:
     fh, fo, an = r["frontend_hop"], r["frontend_offline"], r["analyze"]
-    lat, res = r["end_to_end_latency"], r["resources_realtime"]
+    lat, res, mic = r["end_to_end_latency"], r["resources_realtime"], r["resources_live_mic"]
     rows = [
         ("front end, one 10 ms hop", f"{fh['ours_us']:.1f} us",
          f"numpy rfft {fh['numpy_over_ours']:.1f}x slower, librosa "
@@ -355,9 +399,12 @@ def render(r: dict[str, Any]) -> str:
          "slower)"),
         ("end to end: ring -> subscriber", f"p50 {lat['p50_ms']:.2f} ms",
          f"p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms ({lat['windows']} windows)"),
-        ("real time, 16 kHz mono", f"CPU {res.get('cpu_percent_of_one_core', 0):.1f}% of a core",
+        ("real time, file source", f"CPU {res.get('cpu_percent_of_one_core', 0):.1f}% of a core",
          f"RSS {res.get('rss_mb', 0):.0f} MB; start-up cold {res.get('startup_cold_s') or 0:.1f}"
          f" s, warm {res.get('startup_warm_s') or 0:.1f} s"),
+        ("live mic (PortAudio/JACK, 16 kHz)",
+         f"CPU {mic.get('cpu_percent_of_one_core', 0):.1f}% of a core",
+         f"RSS {mic.get('rss_mb', 0):.0f} MB" if "skipped" not in mic else mic["skipped"]),
     ]
     width = max(len(a) for a, _, _ in rows)
     lines = [f"machine: {r['machine']}"]

@@ -31,7 +31,7 @@ from monitor.watchdog import Health, Progress
 logger = logging.getLogger(__name__)
 
 READ_BLOCK_FRAMES = 4096
-IDLE_WAIT_S = 0.002
+IDLE_WAIT_S = 0.005
 POLL_INTERVAL_S = 0.1
 DEFAULT_STDIN_RATE = 16000
 STALL_S = 5.0  # a stage without progress this long stops the watchdog pings
@@ -181,7 +181,7 @@ class Daemon:
                 elif source.exhausted and ring.available() == 0:
                     break
                 else:
-                    stop.wait(IDLE_WAIT_S)
+                    time.sleep(IDLE_WAIT_S)  # cheaper than Event.wait; stop is checked next loop
                 now = time.monotonic()
                 if now >= next_poll:
                     source.poll(now)
