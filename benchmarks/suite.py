@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from benchmarks.bench_fleet import bench_fleet, render_rows
 from benchmarks.bench_frontend import librosa_hop_us, numpy_hop_us
 from monitor.frontend import Frontend, FrontendParams, bench_hop_us, logmel_of
 
@@ -181,11 +182,11 @@ def _subscribe(endpoint: str, count: int, queue: Any) -> None:
 
     from monitor.messages import Scores, decode
 
-    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt_string(zmq.SUBSCRIBE, "scores")
     sub.connect(endpoint)
     queue.put("ready")
-    arrivals = []
+    arrivals: list[tuple[float, float]] = []
     while len(arrivals) < count and sub.poll(5000):
         message = decode(sub.recv_multipart())
         arrived = time.perf_counter()
@@ -271,9 +272,9 @@ def _proc_stat(pid: int) -> tuple[float, int]:
     ticks = os.sysconf("SC_CLK_TCK")
     cpu = (int(fields[11]) + int(fields[12])) / ticks
     with open(f"/proc/{pid}/status") as handle:
-        fields = dict(line.split(":", 1) for line in handle if line.startswith("Rss"))
+        kinds = dict(line.split(":", 1) for line in handle if line.startswith("Rss"))
     # Private memory plus mapped files; shared memory (a JACK server's buffers) is not ours.
-    rss = sum(int(fields[key].split()[0]) for key in ("RssAnon", "RssFile") if key in fields)
+    rss = sum(int(kinds[key].split()[0]) for key in ("RssAnon", "RssFile") if key in kinds)
     return cpu, rss
 
 
@@ -286,7 +287,7 @@ def bench_resources(path: Path, seconds: float) -> dict[str, Any]:
         for label, cache in (("cold", f"{folder}/numba-cold"),
                              ("warm", str(REPO / ".cache" / "numba"))):
             endpoint = f"ipc://{folder}/{label}.sock"
-            sub = zmq.Context.instance().socket(zmq.SUB)
+            sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
             sub.setsockopt_string(zmq.SUBSCRIBE, "status")
             sub.setsockopt(zmq.RECONNECT_IVL, 10)
             sub.connect(endpoint)
@@ -373,6 +374,7 @@ def main() -> int:
         "end_to_end_latency": bench_latency(path, 10.0 if args.quick else 60.0),
         "resources_realtime": bench_resources(path, 5.0 if args.quick else 30.0),
         "resources_live_mic": bench_live_mic(5.0 if args.quick else 30.0),
+        "fleet": bench_fleet(args.quick),
     }
     print(render(results))
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -405,6 +407,7 @@ def render(r: dict[str, Any]) -> str:
         ("live mic (PortAudio/JACK, 16 kHz)",
          f"CPU {mic.get('cpu_percent_of_one_core', 0):.1f}% of a core",
          f"RSS {mic.get('rss_mb', 0):.0f} MB" if "skipped" not in mic else mic["skipped"]),
+        *render_rows(r.get("fleet", {})),
     ]
     width = max(len(a) for a, _, _ in rows)
     lines = [f"machine: {r['machine']}"]
