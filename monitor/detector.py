@@ -26,7 +26,6 @@ from monitor.frontend import FrontendParams
 logger = logging.getLogger(__name__)
 
 CARD_SCHEMA = 1
-FETCH_COMMAND = "audio-monitor fetch-models"
 
 
 @dataclass(frozen=True)

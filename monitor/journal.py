@@ -11,7 +11,7 @@ see that jump as a gap, ask the catch-up endpoint, and get exactly the events th
 missed, none of the never-sent numbers.
 
 One connection per thread: the publisher's thread writes, the catch-up thread opens
-its own read connection (`Journal.open_reader`).
+its own read connection (`JournalReader`).
 """
 
 from __future__ import annotations
@@ -77,11 +77,6 @@ class Journal:
         self.written = 0
         self.errors = 0
         self.prune()
-
-    @classmethod
-    def open_reader(cls, path: Path) -> JournalReader:
-        """A read connection for another thread (the catch-up server)."""
-        return JournalReader(path)
 
     def start_seq(self, sensor_id: str) -> int:
         """Last `seq` this sensor may have used: the publisher continues after it."""
