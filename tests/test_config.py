@@ -78,3 +78,24 @@ def test_partial_event_default_keeps_builtin_values(tmp_path: Path) -> None:
     assert config.events.default.threshold == 0.7
     assert config.events.default.refractory_ms == Config().events.default.refractory_ms
     assert config.events.default.confirm_n == 1
+
+
+def test_every_key_is_documented_in_the_shipped_config() -> None:
+    """config.yaml is the reference: each key appears there, commented."""
+    import dataclasses
+    import re
+
+    text = (REPO / "config.yaml").read_text()
+
+    def keys(cls: type, prefix: str) -> list[str]:
+        out = []
+        for f in dataclasses.fields(cls):
+            out.append(prefix + f.name)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(default):
+                out += keys(type(default), f"{prefix}{f.name}.")
+        return out
+
+    missing = [key for key in keys(Config, "")
+               if not re.search(rf"^\s*#?\s*{re.escape(key.split('.')[-1])}:", text, re.M)]
+    assert missing == []
