@@ -26,9 +26,15 @@ from monitor.training.compose import (
     compose_events_model,
     head_arrays,
 )
-from monitor.training.dataset import CLASSES, read_clips, split_of
+from monitor.training.dataset import CLASSES, Clip, mixed_stream, read_clips, split_of
 from monitor.training.features import Windows
-from monitor.training.rules import StreamTiming, onset_lead_ms, replay, tune_class
+from monitor.training.rules import (
+    StreamTiming,
+    onset_lead_ms,
+    replay,
+    stream_onset_lead_ms,
+    tune_class,
+)
 from monitor.training.train import choose_threshold, head_probs, pick_windows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,3 +193,39 @@ def test_onset_lead_is_median_first_hit_window_end_minus_true_onset() -> None:
     onsets = [first_hit_end - 4800, first_hit_end - 8000, first_hit_end - 6400]
     lead = onset_lead_ms([scores] * 3, onsets, [0.9] * 3, timing)
     assert lead == 400.0  # 6400 samples at 16 kHz
+
+
+def test_stream_onset_lead_pairs_each_event_with_the_next_detection() -> None:
+    timing = _timing()
+    onsets = np.array([16000, 112000, 208000])
+    # detections 0.3 s and 0.5 s after two events; the third is missed (next hit 4 s later,
+    # beyond max_delay_s); a hit before an onset never pairs with it
+    ends = np.array([16000 + 4800, 112000 + 8000, 208000 + 64000, 100000])
+    assert stream_onset_lead_ms([ends], [onsets], timing) == 400.0  # median of 300, 500 ms
+    with pytest.raises(ValueError):
+        stream_onset_lead_ms([np.array([], np.int64)], [onsets], timing)
+
+
+def test_mixed_stream_places_events_at_their_reported_onsets(tmp_path: Path) -> None:
+    import soundfile as sf
+
+    rng = np.random.default_rng(1)
+    clips = []
+    for i in range(4):
+        x = np.zeros(16000, np.float32)
+        x[4000 + 800 * i:6000 + 800 * i] = 0.5 * rng.standard_normal(2000)  # burst
+        path = tmp_path / f"e{i}.wav"
+        sf.write(str(path), x, 16000)
+        clips.append(Clip(path=path, label="fall", cls="fall", duration_s=1.0, source="t",
+                          license="t", split="val", channel=""))
+    background = (0.001 * rng.standard_normal(32000)).astype(np.float32)
+    stream, onsets = mixed_stream(clips, background, gap_s=6.0, seed=0)
+    assert stream.shape == (6 * 16000 * 5,)
+    times = sorted(t for _, t in onsets)
+    assert [c for c, _ in onsets] == ["fall"] * 4
+    assert np.all(np.diff(times) > 3.0)
+    for t in times:
+        k = round(t * 16000)
+        before = np.sqrt(np.mean(stream[k - 1600:k - 160] ** 2))
+        after = np.sqrt(np.mean(stream[k:k + 1600] ** 2))
+        assert after > 30 * before  # the burst starts at the reported onset

@@ -108,6 +108,27 @@ def true_onset_s(x: np.ndarray) -> float:
     return float(np.flatnonzero(energy >= energy.max() * 0.01)[0] * frame / SAMPLE_RATE)
 
 
+def mixed_stream(events: list[Clip], background: np.ndarray, *, gap_s: float,
+                 seed: int = 0) -> tuple[np.ndarray, list[tuple[str, float]]]:
+    """Event clips added into a looped background, one per `gap_s` (shuffled, +-1 s jitter),
+    at their recorded level: how events look in live audio. Returns the stream and each
+    event's (class, true onset s)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(events))
+    gap = int(gap_s * SAMPLE_RATE)
+    total = gap * (len(events) + 1)
+    stream = np.tile(background, -(-total // len(background)))[:total].astype(np.float32)
+    onsets = []
+    for slot, i in enumerate(order):
+        clip = events[i]
+        x = load_audio(clip.path, max_s=gap_s - 1.0)
+        start = gap * (slot + 1) - gap // 2 + int(rng.integers(-SAMPLE_RATE, SAMPLE_RATE))
+        stream[start:start + len(x)] += x
+        onsets.append((clip.cls, (start / SAMPLE_RATE) + true_onset_s(x)))
+    np.clip(stream, -1.0, 1.0, out=stream)
+    return stream, onsets
+
+
 def _rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)) + 1e-12))
 

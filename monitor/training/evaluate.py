@@ -40,9 +40,9 @@ from monitor.training.dataset import (
     Clip,
     augment,
     load_audio,
+    mixed_stream,
     pad,
     read_clips,
-    true_onset_s,
 )
 from monitor.training.features import PAD_S, class_index, extract
 from monitor.training.train import EVAL_HOP_FRAMES, clip_max, head_probs, pr_curve
@@ -194,20 +194,7 @@ def _onset_stream(test: list[Clip], background: np.ndarray) -> tuple[np.ndarray,
     chosen: list[Clip] = []
     for name in EVENT_CLASSES:
         chosen += [c for c in test if c.cls == name][:ONSET_PER_CLASS]
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(chosen))
-    gap = int(ONSET_GAP_S * SAMPLE_RATE)
-    total = gap * (len(chosen) + 1)
-    stream = np.tile(background, -(-total // len(background)))[:total].astype(np.float32)
-    onsets = []
-    for slot, i in enumerate(order):
-        clip = chosen[i]
-        x = load_audio(clip.path, max_s=ONSET_GAP_S - 1.0)
-        start = gap * (slot + 1) - gap // 2 + int(rng.integers(-SAMPLE_RATE, SAMPLE_RATE))
-        stream[start:start + len(x)] += x
-        onsets.append((clip.cls, (start / SAMPLE_RATE) + true_onset_s(x)))
-    np.clip(stream, -1.0, 1.0, out=stream)
-    return stream, onsets
+    return mixed_stream(chosen, background, gap_s=ONSET_GAP_S, seed=0)
 
 
 def _onset_errors(onsets: list[tuple[str, float]],

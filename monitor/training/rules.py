@@ -172,3 +172,25 @@ def onset_lead_ms(clip_scores: list[np.ndarray], true_onsets: list[int],
         raise ValueError("no validation event clip reaches its threshold")
     lead = float(np.clip(np.median(leads), 0.0, timing.window))
     return round(timing.ms(lead), 1)
+
+
+def stream_onset_lead_ms(first_hit_ends: list[np.ndarray], true_onsets: list[np.ndarray],
+                         timing: StreamTiming, *, max_delay_s: float = 3.0) -> float:
+    """Median over events mixed into a background stream of (end of the first hit window of
+    the first event raised after the true onset, within `max_delay_s`) - (true onset).
+
+    Per class: `first_hit_ends` are the onsets `replay` gives with `onset_lead=0` on the
+    stream, `true_onsets` the inserted events' onsets (samples). Measured in background, not
+    on clean clips: there the first hit comes later, and the lead must cover that."""
+    leads: list[int] = []
+    limit = round(max_delay_s * timing.sample_rate)
+    for ends, onsets in zip(first_hit_ends, true_onsets, strict=True):
+        ends = np.sort(np.asarray(ends, np.int64))
+        for t in np.asarray(onsets, np.int64).tolist():
+            k = int(np.searchsorted(ends, t, side="right"))
+            if k < ends.size and ends[k] - t <= limit:
+                leads.append(int(ends[k]) - t)
+    if not leads:
+        raise ValueError("no event mixed into the validation stream was detected")
+    lead = float(np.clip(np.median(leads), 0.0, timing.window))
+    return round(timing.ms(lead), 1)
