@@ -381,9 +381,18 @@ def _cmd_evaluate_anomaly(args: argparse.Namespace) -> int:
                                     out_json=args.out, candidates=args.candidates)
 
 
+def _require_training_packages() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("sklearn") is None:
+        raise MonitorError("training needs scikit-learn (never needed at run time); install it "
+                           "with `.venv/bin/pip install -r requirements-train.txt`")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from monitor.training.train import train_command
 
+    _require_training_packages()
     return train_command(args.data, args.models_dir, seed=args.seed)
 
 
