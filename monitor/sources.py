@@ -359,9 +359,11 @@ def _device_list(devices: list[dict[str, Any]]) -> str:
 
 
 def _devices_line(devices: list[dict[str, Any]]) -> str:
+    """The available inputs and where to look, for an error message."""
     if not devices:
-        return "no input devices available"
-    return f"available inputs: {_device_list(devices)}"
+        return ("no input devices available (`audio-monitor devices` shows none); without a "
+                "microphone try `audio-monitor demo` or --source file:PATH")
+    return f"available inputs: {_device_list(devices)} (`audio-monitor devices` lists them)"
 
 
 def _resolve_input_device(device: str | int | None) -> dict[str, Any]:
@@ -371,7 +373,6 @@ def _resolve_input_device(device: str | int | None) -> dict[str, Any]:
     name wins over several partial matches.
     """
     devices = list_input_devices()
-    hint = "(`audio-monitor devices` lists them)"
     if isinstance(device, str) and device.strip().lstrip("-").isdigit():
         device = int(device)
     if device is None:
@@ -382,13 +383,13 @@ def _resolve_input_device(device: str | int | None) -> dict[str, Any]:
         for d in devices:
             if d["index"] == default_in:
                 return d
-        raise AudioDeviceError(f"no default input device; {_devices_line(devices)} {hint}")
+        raise AudioDeviceError(f"no default input device; {_devices_line(devices)}")
     if isinstance(device, int):
         for d in devices:
             if d["index"] == device:
                 return d
         raise AudioDeviceError(
-            f"input device index {device} not found; {_devices_line(devices)} {hint}"
+            f"input device index {device} not found; {_devices_line(devices)}"
         )
     query = device.lower()
     words = query.split()
@@ -413,9 +414,9 @@ def _resolve_input_device(device: str | int | None) -> dict[str, Any]:
     if matches:
         raise AudioDeviceError(
             f"input device {device!r} is ambiguous: matches {_device_list(matches)}; "
-            f"give an index or a longer name {hint}"
+            "give an index or a longer name (`audio-monitor devices` lists them)"
         )
-    raise AudioDeviceError(f"no input device matching {device!r}; {_devices_line(devices)} {hint}")
+    raise AudioDeviceError(f"no input device matching {device!r}; {_devices_line(devices)}")
 
 
 class MicSource(Source):
