@@ -35,6 +35,7 @@ IDLE_WAIT_S = 0.005
 POLL_INTERVAL_S = 0.1
 DEFAULT_STDIN_RATE = 16000
 STALL_S = 5.0  # a stage without progress this long stops the watchdog pings
+RESYNC_S = 0.05  # re-tie audio time to wall time when they drift apart by more than this
 DRAIN_S = 2.0  # on stop: at most this long processing audio already captured
 
 
@@ -72,12 +73,25 @@ class PublishingSink:
         self.wall_anchor: float | None = None
         """Wall time of audio sample 0; set when the first audio arrives."""
         self.events_started = 0
+        self.clock_resyncs = 0
         self._mel_edges = np.linspace(0, n_mels, min(mel_bands, n_mels) + 1).astype(int)[:-1]
         self._t_audio = 0.0
 
-    def anchor(self, samples_after_block: int) -> None:
+    def anchor(self, samples: int, *, now: float, caught_up: bool) -> None:
+        """Tie audio time to wall time: `samples` have been processed and the newest of them
+        arrived about `now`.
+
+        Set once at the first audio; afterwards, whenever the reader has caught up with a
+        live source, re-tied if it has drifted by more than RESYNC_S. Audio time alone
+        would drift: a sound card's clock runs off the system clock (100 ppm is 8.6 s a
+        day), and samples dropped in an overrun are a gap audio time does not see.
+        """
+        candidate = now - samples / self.sample_rate
         if self.wall_anchor is None:
-            self.wall_anchor = time.time() - samples_after_block / self.sample_rate
+            self.wall_anchor = candidate
+        elif caught_up and abs(candidate - self.wall_anchor) > RESYNC_S:
+            self.wall_anchor = candidate
+            self.clock_resyncs += 1
 
     def wall(self, sample: int) -> float:
         return (self.wall_anchor or 0.0) + sample / self.sample_rate
@@ -163,6 +177,7 @@ class Daemon:
     def run(self, stop: threading.Event) -> None:
         """Process until `stop` is set or a finite source is exhausted."""
         source, ring, processor = self.source, self.source.ring, self.processor
+        live = not isinstance(source, FileSource)  # a file's audio time is its own clock
         status_every = self.config.publish.status_interval_s
         self.source.start()
         self.publish_status("running")
@@ -174,10 +189,14 @@ class Daemon:
                 n = 0 if self.frozen.is_set() else ring.readinto(self._raw,
                                                                   multiple_of=source.channels)
                 if n:
-                    self.sink.anchor(processor.samples)
+                    if self.sink.wall_anchor is None:
+                        self.sink.anchor(0, now=time.time(), caught_up=False)
                     began = time.perf_counter()
                     processor.process(self._raw[:n])
                     self.processing_s += time.perf_counter() - began
+                    if live:
+                        self.sink.anchor(processor.samples, now=time.time(),
+                                         caught_up=ring.available() <= self._raw.shape[0] // 4)
                 elif source.exhausted and ring.available() == 0:
                     break
                 else:
@@ -310,6 +329,7 @@ class Daemon:
             "clipped_samples": meter.clipped_total,
             "publish_sent": self.publisher.sent,
             "publish_dropped": self.publisher.dropped,
+            "clock_resyncs": self.sink.clock_resyncs,
             "journal_written": journal.written if journal is not None else 0,
             "journal_errors": journal.errors if journal is not None else 0,
         }
