@@ -76,6 +76,11 @@ def test_a_stuck_subscriber_costs_it_messages_not_our_time(tmp_path: Path) -> No
         while sub.poll(200):
             seqs.append(decode(sub.recv_multipart()).seq)
         assert 0 < len(seqs) < attempts
+        # The next message that gets through reveals the loss, wherever it happened.
+        last = publisher.publish(Level, **level_fields())
+        assert sub.poll(5000), "the queue drained, so the next message must arrive"
+        seqs.append(decode(sub.recv_multipart()).seq)
+        assert seqs[-1] == last.seq
         gaps = sum(1 for a, b in itertools.pairwise(seqs) if b != a + 1)
         assert gaps >= 1
     finally:
