@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 import zmq
 
 from monitor.catchup import CatchupClient
+from monitor.config import read_yaml_mapping
 from monitor.errors import ConfigError, MessageError
 from monitor.keys import apply_client
 from monitor.messages import Event, Status, decode
@@ -207,12 +207,7 @@ def _rule(data: Any, where: str) -> Rule:
 
 def load_alert_config(path: Path) -> AlertConfig:
     """Read and validate alert.yaml; relative paths are against its folder."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as err:
-        raise ConfigError(f"cannot read alert config {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"alert config {path} is not valid YAML") from err
+    data = read_yaml_mapping(path, what="alert config")
     data = _known(data, {"subscribe", "rules", "state", "rooms", "ack_endpoint",
                          "publish_endpoint", "heartbeat_timeout_s", "max_event_age_s",
                          "retention_days", "workers"}, "alert")

@@ -25,6 +25,7 @@ from typing import Any
 
 import zmq
 
+from monitor.config import check_endpoint
 from monitor.errors import ConfigError, MessageError
 from monitor.journal import JournalReader
 from monitor.keys import CurveServer, require_safe
@@ -72,9 +73,7 @@ class CatchupServer:
     def __init__(self, endpoint: str, *, journal_path: Path, sensor_ids: tuple[str, ...],
                  context: zmq.Context[Any] | None = None, curve: CurveServer | None = None,
                  allow_insecure: bool = False) -> None:
-        if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
-            raise ConfigError(f"publish.catchup_endpoint: {endpoint!r} is not a ZeroMQ "
-                              "endpoint; use tcp://HOST:PORT or ipc:///path")
+        check_endpoint(endpoint, where="publish.catchup_endpoint")
         require_safe(endpoint, curve=curve is not None, allow_insecure=allow_insecure,
                      where="publish.catchup_endpoint")
         self.endpoint = endpoint

@@ -83,7 +83,8 @@ class EventsConfig:
         threshold=0.5, release=None, confirm_n=1, confirm_m=1, min_duration_ms=0.0,
         refractory_ms=1000.0,
     )
-    """Values used where a class's rule leaves a field null (release null: 0.8 x threshold)."""
+    """Values used where neither a class's rule nor the model card sets a field (release
+    null: 0.8 x threshold)."""
     classes: dict[str, EventRule] = field(default_factory=dict)
     """Per-class rules, by the class name in the model card."""
     only_listed: bool = False
@@ -173,26 +174,42 @@ class Config:
     """Machines to watch for faults, by the name given to `audio-monitor learn --machine`."""
 
 
+ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+
+def check_endpoint(endpoint: str, *, where: str) -> None:
+    """ConfigError unless `endpoint` is a ZeroMQ endpoint this project binds or connects."""
+    if not endpoint.startswith(ENDPOINT_SCHEMES):
+        raise ConfigError(f"{where}: {endpoint!r} is not a ZeroMQ endpoint; use "
+                          "tcp://HOST:PORT or ipc:///path")
+
+
+def read_yaml_mapping(path: Path, *, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (empty file: {}); one-line ConfigError if not."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror}") from err
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{what} {path} is not valid YAML{where}") from err
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of keys, "
+                          f"got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(path: Path | None, *, overrides: dict[str, Any] | None = None) -> Config:
     """Read, validate and freeze a config file; `overrides` maps dotted keys to values (CLI)."""
     data: dict[str, Any] = {}
     base = Path.cwd()
     if path is not None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {path} is not valid YAML{where}") from err
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys, "
-                              f"got {type(loaded).__name__}")
+        loaded = read_yaml_mapping(path, what="config file")
         data = loaded
         base = path.resolve().parent
     for dotted, value in (overrides or {}).items():
@@ -237,10 +254,7 @@ def _check_cross_fields(config: Config) -> None:
     if not SENSOR_ID_PATTERN.match(config.sensor_id):
         raise ConfigError(f"sensor_id: {config.sensor_id!r} is not allowed; use letters, digits "
                           "and _.- (up to 64, starting with a letter or digit)")
-    endpoint = config.publish.endpoint
-    if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
-        raise ConfigError(f"publish.endpoint: {endpoint!r} is not a ZeroMQ endpoint; use "
-                          "tcp://HOST:PORT or ipc:///path")
+    check_endpoint(config.publish.endpoint, where="publish.endpoint")
     for name in config.machines:
         if not SENSOR_ID_PATTERN.match(name):
             raise ConfigError(f"machines.{name}: machine names use letters, digits and _.- "

@@ -205,7 +205,7 @@ class Daemon:
                 if now >= next_poll:
                     source.poll(now)
                     next_poll = now + POLL_INTERVAL_S
-                    if getattr(source, "needs_restart", False):
+                    if source.needs_restart:
                         self.restart_required = True
                         logger.error("%s; only a new process can recover the device: exiting "
                                      "for the service manager to restart", source.last_error)

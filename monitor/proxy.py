@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 import zmq
 
 from monitor.catchup import error_reply, parse_request, split_envelope
+from monitor.config import read_yaml_mapping
 from monitor.errors import ConfigError, MessageError
 from monitor.keys import CurveServer, apply_client, require_safe
 
@@ -57,12 +57,7 @@ class ProxyConfig:
 
 def load_proxy_config(path: Path) -> ProxyConfig:
     """Read fleet.yaml; relative key paths are against its folder."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as err:
-        raise ConfigError(f"cannot read proxy config {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"proxy config {path} is not valid YAML") from err
+    data = read_yaml_mapping(path, what="proxy config")
     allowed = {"publish", "catchup", "sensors", "curve", "allow_insecure"}
     if not isinstance(data, dict) or set(data) - allowed:
         raise ConfigError(f"proxy config {path}: allowed keys are {', '.join(sorted(allowed))}")

@@ -20,7 +20,7 @@ from typing import Any
 import zmq
 
 from monitor.catchup import CatchupServer
-from monitor.config import Config
+from monitor.config import Config, check_endpoint
 from monitor.errors import ConfigError
 from monitor.journal import SEQ_BLOCK, Journal
 from monitor.keys import CurveServer, require_safe
@@ -35,9 +35,7 @@ class Publisher:
     def __init__(self, endpoint: str, *, sensor_id: str, send_hwm: int,
                  context: zmq.Context[Any] | None = None, journal: Journal | None = None,
                  curve: CurveServer | None = None, allow_insecure: bool = False) -> None:
-        if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
-            raise ConfigError(f"publish.endpoint: {endpoint!r} is not a ZeroMQ endpoint; use "
-                              "tcp://HOST:PORT or ipc:///path")
+        check_endpoint(endpoint, where="publish.endpoint")
         require_safe(endpoint, curve=curve is not None, allow_insecure=allow_insecure,
                      where="publish.endpoint")
         self.sensor_id = sensor_id

@@ -113,6 +113,11 @@ class Source(ABC):
         """Last run-time problem as one line, for logs and the status message."""
         return self._last_error
 
+    @property
+    def needs_restart(self) -> bool:
+        """True when only a new process can recover this source (see MicSource)."""
+        return False
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.description}>"
 
