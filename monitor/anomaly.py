@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numba
 import numpy as np
 
 from monitor.config import MachineConfig
 from monitor.errors import ModelError
 from monitor.events import ClassEventLogic, ClassRule, Transition
 from monitor.frontend import FrontendParams
+from monitor.jit import kernel
 
 logger = logging.getLogger(__name__)
 
@@ -132,13 +132,18 @@ def gaussian_scores(features: np.ndarray, mean: np.ndarray, whiten: np.ndarray) 
 
 
 def ema(raw: np.ndarray, alpha: float) -> np.ndarray:
-    """Exponential smoothing as the run-time scorer does it (starts at the first value)."""
-    if raw.shape[0] == 0 or alpha >= 1.0:
-        return np.asarray(raw, dtype=np.float64)
-    from scipy.signal import lfilter  # learning only: keeps scipy.signal out of the daemon
+    """Exponential smoothing as the run-time scorer does it (starts at the first value).
+    Also run when a scorer loads (its threshold), so it must not import scipy."""
+    out = np.asarray(raw, dtype=np.float64).copy()
+    if alpha < 1.0:
+        _ema_in_place(out, alpha)
+    return out
 
-    out, _ = lfilter([alpha], [1.0, alpha - 1.0], raw, zi=[(1.0 - alpha) * raw[0]])
-    return np.asarray(out)
+
+@kernel
+def _ema_in_place(x: np.ndarray, alpha: float) -> None:  # pragma: no cover - numba
+    for i in range(1, x.shape[0]):
+        x[i] = x[i - 1] + alpha * (x[i] - x[i - 1])  # the formula of _frame_kernel
 
 
 def ema_alpha(params: FrontendParams, smoothing_ms: float) -> float:
@@ -312,7 +317,7 @@ def load_baseline(state_dir: Path, machine: str) -> Baseline:
 
 # --- run time ------------------------------------------------------------------------------
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _frame_kernel(frame: np.ndarray, ring: np.ndarray, acc: np.ndarray, state: np.ndarray,
                   mean: np.ndarray, whiten: np.ndarray, diff: np.ndarray
                   ) -> None:  # pragma: no cover - numba

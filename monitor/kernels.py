@@ -8,11 +8,12 @@ are stacked into one array (cos/sin rows, etc.) to keep the argument count low: 
 costs dispatch time, and calls with 20 or more arguments make CPython allocate per call.
 """
 
-import numba
 import numpy as np
 
+from monitor.jit import kernel
 
-@numba.njit(cache=True, nogil=True)
+
+@kernel
 def logmel_frame(
     buf: np.ndarray,
     start: int,
@@ -105,7 +106,7 @@ def logmel_frame(
         out_row[m] = np.float32(np.log(acc + log_offset))
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def stream_block(
     samples: np.ndarray,
     buf: np.ndarray,

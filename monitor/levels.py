@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
+
+from monitor.jit import kernel
 
 CLIP_LEVEL = 0.999
 DBFS_FLOOR = -120.0
@@ -19,7 +20,7 @@ DBFS_FLOOR = -120.0
 SUM_SQUARES, PEAK, SUM, NONFINITE, CLIPPED, COUNT = range(6)
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def condition_block(x: np.ndarray, stats: np.ndarray) -> None:  # pragma: no cover - numba
     """Replace non-finite samples of `x` by 0 in place and accumulate level stats."""
     sum_squares = 0.0

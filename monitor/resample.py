@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 from math import gcd
 
-import numba
 import numpy as np
+
+from monitor.jit import kernel
 
 __all__ = ["StreamingResampler", "downmix_into", "kaiser_lowpass"]
 
@@ -32,7 +33,7 @@ def kaiser_lowpass(numtaps: int, cutoff: float, beta: float) -> np.ndarray:
     return h / h.sum()
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _downmix_kernel(x: np.ndarray, channels: int, frames: int, out: np.ndarray) -> None:
     scale = np.float32(1.0) / np.float32(channels)
     for i in range(frames):
@@ -61,7 +62,7 @@ def downmix_into(interleaved: np.ndarray, channels: int, out: np.ndarray) -> int
     return frames
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _polyphase_kernel(
     xbuf: np.ndarray,
     hist: int,

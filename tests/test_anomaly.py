@@ -84,6 +84,21 @@ def test_card_records_what_was_learned(state_dir: Path, cwru: tuple) -> None:
     assert card["threshold"]["raw"] > 0 and card["metrics"]["held_back_seconds"] > 3
 
 
+def test_loading_a_scorer_keeps_scipy_out_of_the_daemon(state_dir: Path) -> None:
+    """The scorer's threshold is smoothed at load; scipy.signal there cost the daemon
+    ~60 MB and half a second of start-up."""
+    code = ("import sys\nfrom pathlib import Path\nfrom monitor import anomaly\n"
+            "from monitor.config import MachineConfig\nfrom monitor.frontend import "
+            "FrontendParams\nanomaly.MachineScorer.load(Path(sys.argv[1]), 'pump', "
+            "frontend=FrontendParams(), config=MachineConfig())\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('scipy.signal', "
+            "'scipy.stats', 'scipy.linalg'))))")
+    result = subprocess.run([sys.executable, "-c", code, str(state_dir)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_streaming_scores_equal_offline(state_dir: Path, cwru: tuple) -> None:
     sc = scorer(state_dir)
     baseline = anomaly.load_baseline(state_dir, "pump")
