@@ -1,4 +1,5 @@
-"""Per-hop cost of the streaming front end against plain-numpy and librosa sliding windows.
+"""Per-hop cost of the streaming front end against plain-numpy, librosa and (when installed)
+torchaudio sliding windows.
 
 Run from the repo root: NUMBA_CACHE_DIR=/tmp/numba-cache python -m benchmarks.bench_frontend
 Each contender gets one hop of audio per call and must produce that hop's log-mel frame.
@@ -60,6 +61,33 @@ def librosa_hop_us(params: FrontendParams, n: int = 2000) -> float:
         history[-hop:] = x
         mel = librosa.feature.melspectrogram(y=history, **kwargs)  # type: ignore[arg-type]
         np.log(mel[:, 0] + params.log_offset)
+
+    return _per_call_us(step, n)
+
+
+def torchaudio_hop_us(params: FrontendParams, n: int = 2000) -> float | None:
+    """torchaudio's MelSpectrogram on the sliding window, one thread; None if torchaudio is
+    not installed or does not load (it is no dependency: torch is for training only, and
+    PyPI's torchaudio needs a torch other than the pinned CPU build)."""
+    try:
+        import torch
+        import torchaudio
+    except (ImportError, OSError):
+        return None
+    torch.set_num_threads(1)
+    win, hop = params.win_length, params.hop_length
+    transform = torchaudio.transforms.MelSpectrogram(
+        sample_rate=params.sample_rate, n_fft=params.n_fft, win_length=win, hop_length=hop,
+        f_min=params.fmin_hz, f_max=params.fmax_hz, n_mels=params.n_mels, center=False,
+        power=2.0 if params.magnitude == "power" else 1.0, norm=None, mel_scale="htk")
+    history = torch.zeros(params.n_fft)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(hop).astype(np.float32))
+
+    def step() -> None:
+        with torch.inference_mode():
+            history[:-hop] = history[hop:].clone()
+            history[-hop:] = x
+            torch.log(transform(history)[:, 0] + params.log_offset)
 
     return _per_call_us(step, n)
 

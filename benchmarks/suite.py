@@ -26,7 +26,7 @@ import numpy as np
 import soundfile as sf
 
 from benchmarks.bench_fleet import bench_fleet, render_rows
-from benchmarks.bench_frontend import librosa_hop_us, numpy_hop_us
+from benchmarks.bench_frontend import librosa_hop_us, numpy_hop_us, torchaudio_hop_us
 from monitor.frontend import Frontend, FrontendParams, bench_hop_us, logmel_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +73,8 @@ def bench_frontend_hop(quick: bool) -> dict[str, Any]:
     ours = min(bench_hop_us(params, n=n) for _ in range(3))
     npy = min(numpy_hop_us(params, n=n) for _ in range(3))
     lib = min(librosa_hop_us(params, n=n // 4) for _ in range(3))
+    torch_runs = [torchaudio_hop_us(params, n=n // 4) for _ in range(3)]
+    torch_us = None if None in torch_runs else min(t for t in torch_runs if t is not None)
     frontend = Frontend(params)
     hop = np.random.default_rng(0).standard_normal(params.hop_length).astype(np.float32)
     out = np.zeros((frontend.max_frames(hop.shape[0]), params.n_mels), dtype=np.float32)
@@ -84,9 +86,13 @@ def bench_frontend_hop(quick: bool) -> dict[str, Any]:
         frontend.process(hop, out)
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
-    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    ours_only = [tracemalloc.Filter(True, str(REPO / "monitor" / "*"))]  # not the harness
+    grown = sum(stat.size_diff for stat in after.filter_traces(ours_only).compare_to(
+        before.filter_traces(ours_only), "filename"))
     return {"ours_us": ours, "numpy_us": npy, "librosa_us": lib,
             "numpy_over_ours": npy / ours, "librosa_over_ours": lib / ours,
+            "torchaudio_us": torch_us,
+            "torchaudio_over_ours": None if torch_us is None else torch_us / ours,
             "bytes_retained_per_1000_hops": int(grown)}
 
 
@@ -429,8 +435,10 @@ def render(r: dict[str, Any]) -> str:
     rows = [
         ("front end, one 10 ms hop", f"{fh['ours_us']:.1f} us",
          f"numpy rfft {fh['numpy_over_ours']:.1f}x slower, librosa "
-         f"{fh['librosa_over_ours']:.0f}x slower; {fh['bytes_retained_per_1000_hops']} B "
-         "retained per 1000 hops"),
+         f"{fh['librosa_over_ours']:.0f}x slower; torchaudio "
+         + ("not installed" if fh["torchaudio_over_ours"] is None
+            else f"{fh['torchaudio_over_ours']:.0f}x slower")
+         + f"; {fh['bytes_retained_per_1000_hops']} B retained per 1000 hops"),
         (f"front end offline ({fo['audio_s'] / 60:.0f} min)",
          f"{fo['ours_x_realtime']:.0f}x real time",
          f"librosa {fo['librosa_x_realtime']:.0f}x ({fo['ours_over_librosa']:.1f}x slower)"),
