@@ -17,7 +17,6 @@ from typing import Any
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from monitor.errors import ConfigError
 
@@ -100,6 +99,10 @@ class CurveServer:
         if allowed_clients is not None and not allowed_clients.is_dir():
             raise ConfigError(f"{where}.allowed_clients: {allowed_clients} is not a folder of "
                               "client public keys (NAME.key files)")
+        # Imported here: zmq.auth.thread loads asyncio and ssl (~9 MB), which a daemon
+        # without CURVE never needs.
+        from zmq.auth.thread import ThreadAuthenticator
+
         self.auth = ThreadAuthenticator(context)
         self.auth.start()
         location = str(allowed_clients) if allowed_clients is not None \
