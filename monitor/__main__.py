@@ -186,6 +186,7 @@ def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> 
 def _cmd_run(args: argparse.Namespace) -> int:
     from monitor.daemon import Daemon, build_source
     from monitor.detector import Detector
+    from monitor.jit import aot_status
     from monitor.publisher import PublishingStack
 
     overrides: dict[str, Any] = {}
@@ -221,6 +222,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         metrics.start(*parse_address(args.metrics))
     logger.info("publishing on %s as %s; model %s; source %s", publisher.bound_endpoint,
                 config.sensor_id, detector.card.name, source.description)
+    logger.info("%s", aot_status())
     if args.wait_subscriber > 0 and not publisher.wait_for_subscriber(args.wait_subscriber):
         logger.warning("no subscriber after %.1f s; starting anyway", args.wait_subscriber)
     try:

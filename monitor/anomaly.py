@@ -140,7 +140,7 @@ def ema(raw: np.ndarray, alpha: float) -> np.ndarray:
     return out
 
 
-@kernel
+@kernel("void(f8[::1], f8)")
 def _ema_in_place(x: np.ndarray, alpha: float) -> None:  # pragma: no cover - numba
     for i in range(1, x.shape[0]):
         x[i] = x[i - 1] + alpha * (x[i] - x[i - 1])  # the formula of _frame_kernel
@@ -317,7 +317,7 @@ def load_baseline(state_dir: Path, machine: str) -> Baseline:
 
 # --- run time ------------------------------------------------------------------------------
 
-@kernel
+@kernel("void(f4[::1], f8[:, ::1], f8[::1], f8[::1], f8[::1], f8[:, ::1], f8[::1])")
 def _frame_kernel(frame: np.ndarray, ring: np.ndarray, acc: np.ndarray, state: np.ndarray,
                   mean: np.ndarray, whiten: np.ndarray, diff: np.ndarray
                   ) -> None:  # pragma: no cover - numba

@@ -13,7 +13,8 @@ import numpy as np
 from monitor.jit import kernel
 
 
-@kernel
+@kernel("void(f4[::1], i8, f8[::1], i8[::1], f8[:, ::1], f8[:, ::1], i8[:, ::1], f8[::1], "
+        "f8, b1, f8[:, ::1], f8[::1], f4[::1])")
 def logmel_frame(
     buf: np.ndarray,
     start: int,
@@ -106,7 +107,8 @@ def logmel_frame(
         out_row[m] = np.float32(np.log(acc + log_offset))
 
 
-@kernel
+@kernel("i8(f4[::1], f4[::1], i8[::1], i8, f8[::1], i8[::1], f8[:, ::1], f8[:, ::1], "
+        "i8[:, ::1], f8[::1], f8, b1, f8[:, ::1], f8[::1], f4[:, ::1])")
 def stream_block(
     samples: np.ndarray,
     buf: np.ndarray,

@@ -20,7 +20,7 @@ DBFS_FLOOR = -120.0
 SUM_SQUARES, PEAK, SUM, NONFINITE, CLIPPED, COUNT = range(6)
 
 
-@kernel
+@kernel("void(f4[::1], f8[::1])")
 def condition_block(x: np.ndarray, stats: np.ndarray) -> None:  # pragma: no cover - numba
     """Replace non-finite samples of `x` by 0 in place and accumulate level stats."""
     sum_squares = 0.0

@@ -33,7 +33,7 @@ def kaiser_lowpass(numtaps: int, cutoff: float, beta: float) -> np.ndarray:
     return h / h.sum()
 
 
-@kernel
+@kernel("void(f4[::1], i8, i8, f4[::1])")
 def _downmix_kernel(x: np.ndarray, channels: int, frames: int, out: np.ndarray) -> None:
     scale = np.float32(1.0) / np.float32(channels)
     for i in range(frames):
@@ -62,7 +62,7 @@ def downmix_into(interleaved: np.ndarray, channels: int, out: np.ndarray) -> int
     return frames
 
 
-@kernel
+@kernel("UniTuple(i8, 2)(f4[::1], i8, i8, f8[:, ::1], i8, i8, i8, f4[::1])")
 def _polyphase_kernel(
     xbuf: np.ndarray,
     hist: int,

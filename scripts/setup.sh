@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 profile="${1:-run}"
 
-packages=(libportaudio2 libsndfile1 python3-venv)
+# gcc, libc6-dev and python3-dev build the ahead-of-time kernels (monitor/jit.py).
+packages=(libportaudio2 libsndfile1 python3-venv gcc libc6-dev python3-dev)
 [ "$profile" = dev ] && packages+=(jackd2 tmux systemd)
 missing=()
 for p in "${packages[@]}"; do
@@ -32,4 +33,7 @@ if [ ! -f "$stamp" ]; then
 fi
 
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$PWD/.cache/numba}"
+# Kernels compiled ahead of time keep Numba and LLVM out of the daemon; if the build fails
+# they are compiled just in time instead, so it is not fatal.
+.venv/bin/python -m monitor.jit --if-stale || echo "setup: kernels will be compiled just in time"
 .venv/bin/audio-monitor fetch-models
