@@ -326,30 +326,35 @@ def daemon_config(folder: Path, normal: Path) -> Path:
 
 
 def bench_resources(path: Path, config: Path, seconds: float) -> dict[str, Any]:
-    """CPU % of one core and RSS of the real daemon (event model + one anomaly scorer) at
-    real time on a file; start-up to first status."""
+    """Start-up to the first status and, on a file at real-time pace, CPU % of one core and
+    RSS of the real daemon (event model + one anomaly scorer): kernels compiled ahead of
+    time (the set-up's build) against just in time (AUDIO_MONITOR_JIT=1) from a cold and a
+    warm Numba cache."""
     import zmq
 
-    results: dict[str, Any] = {}
+    from monitor.jit import JIT_ENV, is_fresh
+
+    results: dict[str, Any] = {"ahead_of_time_built": is_fresh()}
     with tempfile.TemporaryDirectory() as folder:
-        for label, cache in (("cold", f"{folder}/numba-cold"),
-                             ("warm", str(REPO / ".cache" / "numba"))):
+        runs = (("aot", {JIT_ENV: "0"}),
+                ("jit_cold", {JIT_ENV: "1", "NUMBA_CACHE_DIR": f"{folder}/numba-cold"}),
+                ("jit_warm", {JIT_ENV: "1", "NUMBA_CACHE_DIR": str(REPO / ".cache" / "numba")}))
+        for label, extra in runs:
             endpoint = f"ipc://{folder}/{label}.sock"
             sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
             sub.setsockopt_string(zmq.SUBSCRIBE, "status")
             sub.setsockopt(zmq.RECONNECT_IVL, 10)
             sub.connect(endpoint)
-            env = {**os.environ, "NUMBA_CACHE_DIR": cache}
             started = time.perf_counter()
             proc = subprocess.Popen(
                 [sys.executable, "-m", "monitor", "run", "--source", f"file:{path}",
                  "--publish", endpoint, "--config", str(config)],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                env={**os.environ, **extra}, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
             ready = sub.poll(120000)
-            startup = time.perf_counter() - started
-            results[f"startup_{label}_s"] = startup if ready else None
-            if label == "warm" and ready:
-                results.update(_measure(proc.pid, seconds))
+            results[f"startup_{label}_s"] = time.perf_counter() - started if ready else None
+            if label != "jit_cold" and ready:
+                results[label] = _measure(proc.pid, seconds)
             proc.terminate()
             proc.wait(10)
             sub.close()
@@ -358,9 +363,11 @@ def bench_resources(path: Path, config: Path, seconds: float) -> dict[str, Any]:
 
 def bench_live_mic(config: Path, seconds: float) -> dict[str, Any]:
     """CPU and RSS of the daemon (event model + one anomaly scorer) capturing a real
-    PortAudio stream (JACK dummy driver, 10 ms periods): the live deployment shape,
-    without a file decoder in the capture path."""
+    PortAudio stream (JACK dummy driver, 10 ms periods): the live deployment shape, without
+    a file decoder in the capture path. Kernels ahead of time, then just in time."""
     import shutil
+
+    from monitor.jit import JIT_ENV
 
     if shutil.which("jackd") is None or shutil.which("jack_lsp") is None:
         return {"skipped": "jackd not installed (Debian jackd2)"}
@@ -370,23 +377,28 @@ def bench_live_mic(config: Path, seconds: float) -> dict[str, Any]:
     server = subprocess.Popen(["jackd", "--no-realtime", "-n", name, "-d", "dummy", "-r",
                                str(RATE), "-p", "160"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
+    results: dict[str, Any] = {}
     try:
         for _ in range(100):
             if subprocess.run(["jack_lsp"], env=env, capture_output=True).returncode == 0:
                 break
             time.sleep(0.1)
         with tempfile.TemporaryDirectory() as folder:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "monitor", "run", "--source", "mic:system", "--rate",
-                 str(RATE), "--publish", f"ipc://{folder}/mic.sock", "--config", str(config)],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(5.0)
-            if proc.poll() is not None:
-                return {"skipped": f"daemon exited with {proc.returncode}"}
-            result = _measure(proc.pid, seconds)
-            proc.terminate()
-            proc.wait(20)
-            return result
+            for label, jit_only in (("aot", "0"), ("jit_warm", "1")):
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "monitor", "run", "--source", "mic:system",
+                     "--rate", str(RATE), "--publish", f"ipc://{folder}/{label}.sock",
+                     "--config", str(config)],
+                    env={**env, JIT_ENV: jit_only}, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+                time.sleep(5.0)
+                if proc.poll() is not None:
+                    results[label] = {"skipped": f"daemon exited with {proc.returncode}"}
+                    continue
+                results[label] = _measure(proc.pid, seconds)
+                proc.terminate()
+                proc.wait(20)
+        return results
     finally:
         server.terminate()
         server.wait(10)
@@ -422,6 +434,10 @@ def main() -> int:
     return 0
 
 
+def _rss(r: dict[str, Any]) -> str:
+    return f"RSS {r['rss_mb']:.0f} MB" if "rss_mb" in r else "-"
+
+
 def _cpu(r: dict[str, Any]) -> str:
     if "cpu_percent_of_one_core" not in r:
         return "-"
@@ -449,11 +465,16 @@ def render(r: dict[str, Any]) -> str:
          "slower)"),
         ("end to end: ring -> subscriber", f"p50 {lat['p50_ms']:.2f} ms",
          f"p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms ({lat['windows']} windows)"),
-        ("real time, file source, model + 1 scorer", _cpu(res),
-         f"RSS {res.get('rss_mb', 0):.0f} MB; start-up cold {res.get('startup_cold_s') or 0:.1f}"
-         f" s, warm {res.get('startup_warm_s') or 0:.1f} s"),
-        ("live mic (PortAudio/JACK, 16 kHz), model + 1 scorer", _cpu(mic),
-         f"RSS {mic.get('rss_mb', 0):.0f} MB" if "skipped" not in mic else mic["skipped"]),
+        *[(f"live mic (PortAudio/JACK), model + 1 scorer, {label}", _cpu(mic.get(key, {})),
+           _rss(mic.get(key, {})) if "skipped" not in mic else mic["skipped"])
+          for key, label in (("aot", "AOT kernels"), ("jit_warm", "JIT kernels"))],
+        *[(f"file at real-time pace, model + 1 scorer, {label}", _cpu(res.get(key, {})),
+           _rss(res.get(key, {}))) for key, label in (("aot", "AOT kernels"),
+                                                      ("jit_warm", "JIT kernels"))],
+        ("start-up to first status", f"AOT {res.get('startup_aot_s') or 0:.2f} s",
+         f"JIT cold cache {res.get('startup_jit_cold_s') or 0:.2f} s, warm "
+         f"{res.get('startup_jit_warm_s') or 0:.2f} s"
+         + ("" if res.get("ahead_of_time_built") else " (AOT kernels NOT built)")),
         *render_rows(r.get("fleet", {})),
     ]
     width = max(len(a) for a, _, _ in rows)
