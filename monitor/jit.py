@@ -17,6 +17,7 @@ rank or layout, as Numba would, instead of reading memory wrongly.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -52,7 +53,6 @@ class Kernel:
     signature: str
     function: Callable[..., Any]
     path: Path
-    compiled: Callable[..., Any]
     ahead_of_time: bool
 
 
@@ -76,7 +76,7 @@ def kernel(signature: str) -> Callable[[F], F]:
             compiled = _guarded(getattr(aot, name), signature, name)
         else:
             compiled = _jit(function, signature)
-        KERNELS.append(Kernel(name, signature, function, path, compiled, ahead_of_time))
+        KERNELS.append(Kernel(name, signature, function, path, ahead_of_time))
         return cast(F, compiled)
 
     return decorate
@@ -94,6 +94,7 @@ def aot_status() -> str:
 # --- ahead of time -------------------------------------------------------------------------
 
 
+@functools.cache
 def file_digest(path: Path) -> int:
     """sha256 of a kernel file as a positive int64, as stored in the extension."""
     return int(hashlib.sha256(path.read_bytes()).hexdigest()[:15], 16)

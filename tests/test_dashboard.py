@@ -221,14 +221,6 @@ def test_detail_view_fits_80x24() -> None:
 # -- against the real daemon ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def config_file(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "config.yaml"
-    path.write_text(f"sensor_id: test-room\nmodel:\n  path: {tiny_model}\n  stride_ms: 50\n"
-                    "  top_k: 2\npublish:\n  status_interval_s: 0.5\n")
-    return path
-
-
-@pytest.fixture(scope="module")
 def recording(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """0.5 s of silence, a real fall, then real everyday sounds: ~21 s, 16 kHz mono."""
     fall = sorted((shared_data / "safe" / "fall").glob("*.flac"))[0]

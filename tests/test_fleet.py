@@ -161,15 +161,21 @@ def test_no_clear_text_off_loopback() -> None:
     publisher.close()
 
 
+def raw_publisher(context: zmq.Context[Any], tmp_path: Path) -> tuple[zmq.Socket[Any], str]:
+    """An XPUB socket sending whatever frames a test writes (no Publisher checks)."""
+    pub = context.socket(zmq.XPUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    endpoint = f"ipc://{tmp_path}/raw.pub"
+    pub.bind(endpoint)
+    return pub, endpoint
+
+
 def test_tampered_messages_are_dropped_and_counted(tmp_path: Path) -> None:
     """CURVE authenticates every frame, so a frame altered on the wire is rejected inside
     ZeroMQ and never reaches us. What can reach us is a malformed or inconsistent message
     from an allowed peer: the alert daemon validates each with `decode` and counts it."""
     context = zmq.Context()
-    pub = context.socket(zmq.XPUB)
-    pub.setsockopt(zmq.LINGER, 0)
-    endpoint = f"ipc://{tmp_path}/raw.pub"
-    pub.bind(endpoint)
+    pub, endpoint = raw_publisher(context, tmp_path)
     path = tmp_path / "alert.yaml"
     path.write_text(json.dumps({"subscribe": [{"endpoint": endpoint}],
                                 "state": str(tmp_path / "alert.db"),
@@ -212,10 +218,7 @@ def test_ack_cancels_escalation_and_unacked_escalates(tmp_path: Path) -> None:
     from monitor.alert import send_ack
 
     context = zmq.Context()
-    pub = context.socket(zmq.XPUB)
-    pub.setsockopt(zmq.LINGER, 0)
-    endpoint = f"ipc://{tmp_path}/raw.pub"
-    pub.bind(endpoint)
+    pub, endpoint = raw_publisher(context, tmp_path)
     path = tmp_path / "alert.yaml"
     path.write_text(json.dumps({
         "subscribe": [{"endpoint": endpoint}], "state": str(tmp_path / "alert.db"),

@@ -9,6 +9,7 @@ private JACK server is paused and resumed under a live `mic:` source.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -432,10 +433,12 @@ def test_soak_one_hour_of_audio_flat_memory(tmp_path: Path, tiny_model: Path,
 
 # --- a live microphone whose server freezes and comes back ---------------------------------
 
-def test_jack_outage_is_degraded_then_healed(tmp_path: Path, tiny_model: Path,
-                                             daemons: list[Daemon]) -> None:
+@contextlib.contextmanager
+def mic_daemon_on_jack(tmp_path: Path, tiny_model: Path, daemons: list[Daemon],
+                       name: str) -> Iterator[tuple[JackServer, Daemon]]:
+    """A JACK dummy server and the daemon capturing from it, READY; the server is stopped
+    (and any stale one reaped) afterwards."""
     require_jackd()
-    name = "am-prod"
     server = JackServer(name, rate=RATE, period=160, log_dir=tmp_path)
     server.start()
     try:
@@ -444,6 +447,15 @@ def test_jack_outage_is_degraded_then_healed(tmp_path: Path, tiny_model: Path,
                                  "JACK_NO_AUDIO_RESERVATION": "1"})
         daemons.append(d)
         d.systemd.wait_for("READY", "1", timeout=60)
+        yield server, d
+    finally:
+        server.stop()
+        stop_stale(tmp_path / f"jackd-{name}.pid")
+
+
+def test_jack_outage_is_degraded_then_healed(tmp_path: Path, tiny_model: Path,
+                                             daemons: list[Daemon]) -> None:
+    with mic_daemon_on_jack(tmp_path, tiny_model, daemons, "am-prod") as (server, d):
         d.pump(1.5)
         assert d.statuses()[-1].state == "running", d.log()
         server.pause()  # the device stops delivering, like a hung driver
@@ -467,9 +479,6 @@ def test_jack_outage_is_degraded_then_healed(tmp_path: Path, tiny_model: Path,
         assert d.proc.poll() is None, "the daemon never exits"
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(20) == 0, d.log()
-    finally:
-        server.stop()
-        stop_stale(tmp_path / f"jackd-{name}.pid")
 
 
 def test_jack_restart_recovers_or_hands_over_to_the_service_manager(
@@ -477,16 +486,7 @@ def test_jack_restart_recovers_or_hands_over_to_the_service_manager(
     """The server dies and comes back. Either capture reconnects in-process, or PortAudio's
     JACK backend holds the dead stream (it can for ten minutes): then the daemon reports it
     and exits with 75 (EX_TEMPFAIL) for systemd to restart it, instead of hanging."""
-    require_jackd()
-    name = "am-prod-restart"
-    server = JackServer(name, rate=RATE, period=160, log_dir=tmp_path)
-    server.start()
-    try:
-        d = Daemon(write_config(tmp_path, tiny_model), "mic:system", tmp_path, "--rate",
-                   "16000", env={"JACK_DEFAULT_SERVER": name, "JACK_NO_START_SERVER": "1",
-                                 "JACK_NO_AUDIO_RESERVATION": "1"})
-        daemons.append(d)
-        d.systemd.wait_for("READY", "1", timeout=60)
+    with mic_daemon_on_jack(tmp_path, tiny_model, daemons, "am-prod-restart") as (server, d):
         d.pump(1.0)
         server.stop()
         server.start()
@@ -504,6 +504,3 @@ def test_jack_restart_recovers_or_hands_over_to_the_service_manager(
         else:
             assert d.proc.wait(20) == 75, d.log()
             assert "has not released the dead stream" in str(final.last_error), final
-    finally:
-        server.stop()
-        stop_stale(tmp_path / f"jackd-{name}.pid")

@@ -12,14 +12,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from monitor.errors import ModelError
-from monitor.yamnet import FIX, MODEL_FILE, N_MELS, WINDOW_FRAMES, checked_bytes, verify_model
+from monitor.yamnet import (
+    FIX,
+    MODEL_FILE,
+    N_MELS,
+    WINDOW_FRAMES,
+    checked_bytes,
+    verify_model,
+    write_atomically,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -176,11 +183,6 @@ def compose_events_model(models_dir: Path, *, check: bool = True) -> Path:
         raise ModelError(f"composed {EVENTS_FILE} has sha256 {actual}, its card expects "
                          f"{expected} (onnx version or head changed?); retrain with "
                          "`audio-monitor train` or use the pinned dependencies")
-    tmp = target.with_name(target.name + ".part")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-    except OSError as err:
-        raise ModelError(f"cannot write {target}: {err}") from err
+    write_atomically(target, data)
     logger.info("wrote %s (%d bytes, sha256 %s)", target, len(data), actual)
     return target
