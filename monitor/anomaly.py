@@ -426,6 +426,11 @@ class MachineScorer:
         self._running = False
         self.events.reset()
 
+    def next_reading_end(self, next_frame_end: int) -> int:
+        """The first frame ending at or after this sample may bring a reading, when the next
+        frame ends at `next_frame_end` (the first frame only starts the clock)."""
+        return next_frame_end + self._eval_step if self._next_eval < 0 else self._next_eval
+
     @property
     def raw_score(self) -> float:
         """Smoothed raw score (learned threshold = `raw_threshold`); -1 before the first."""

@@ -31,7 +31,7 @@ from monitor.watchdog import Health, Progress
 logger = logging.getLogger(__name__)
 
 READ_BLOCK_FRAMES = 4096
-IDLE_WAIT_S = 0.005
+IDLE_WAIT_S = 0.005  # while frozen (test hook)
 POLL_INTERVAL_S = 0.1
 DEFAULT_STDIN_RATE = 16000
 STALL_S = 5.0  # a stage without progress this long stops the watchdog pings
@@ -74,7 +74,9 @@ class PublishingSink:
         """Wall time of audio sample 0; set when the first audio arrives."""
         self.events_started = 0
         self.clock_resyncs = 0
-        self._mel_edges = np.linspace(0, n_mels, min(mel_bands, n_mels) + 1).astype(int)[:-1]
+        edges = np.linspace(0, n_mels, min(mel_bands, n_mels) + 1).astype(int)
+        self._mel_edges = edges[:-1]
+        self._mel_widths = np.diff(edges)
         self._t_audio = 0.0
 
     def anchor(self, samples: int, *, now: float, caught_up: bool) -> None:
@@ -131,13 +133,12 @@ class PublishingSink:
                                threshold=round(reading.threshold, 4), running=reading.running)
 
     def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None:
-        mel = np.add.reduceat(mel_frame, self._mel_edges) / np.diff(
-            np.append(self._mel_edges, mel_frame.shape[0]))
+        mel = np.add.reduceat(mel_frame, self._mel_edges) / self._mel_widths
         self._t_audio = end / self.sample_rate
         self.publisher.publish(Level, t_audio_s=round(self._t_audio, 4),
                                rms_dbfs=round(meter.rms_dbfs, 2),
                                peak_dbfs=round(meter.peak_dbfs, 2),
-                               mel=[round(float(v), 2) for v in mel])
+                               mel=[round(v, 2) for v in mel.tolist()])
 
 
 class Daemon:
@@ -199,8 +200,6 @@ class Daemon:
                                          caught_up=ring.available() <= self._raw.shape[0] // 4)
                 elif source.exhausted and ring.available() == 0:
                     break
-                else:
-                    time.sleep(IDLE_WAIT_S)  # cheaper than Event.wait; stop is checked next loop
                 now = time.monotonic()
                 if now >= next_poll:
                     source.poll(now)
@@ -217,6 +216,11 @@ class Daemon:
                     self.publisher.drain_subscriptions()
                     self.publish_status(self._state())
                     next_status = now + status_every
+                if self.frozen.is_set():
+                    time.sleep(IDLE_WAIT_S)
+                elif not source.exhausted:  # sleep until the next result's audio has landed
+                    ring.wait_for(processor.frames_until_output() * source.channels,
+                                  timeout=min(next_poll, next_status) - now)
         finally:
             self.health.stopping(f"stopping: {self._describe()}")
             if not self.restart_required:  # stopping a dead PortAudio stream would hang

@@ -158,7 +158,8 @@ _TYPES: dict[str, type] = {cls.TYPE: cls for cls in (Event, Level, Scores, Statu
 
 def encode(message: Message) -> list[bytes]:
     """Message -> ``[topic, json]`` frames."""
-    body = {"v": SCHEMA_VERSION, "type": message.TYPE, **dataclasses.asdict(message)}
+    # vars(): the fields as they are (asdict deep-copies every list: 12 us a message).
+    body = {"v": SCHEMA_VERSION, "type": message.TYPE, **vars(message)}
     return [message.topic.encode("ascii"),
             json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")]
 

@@ -179,6 +179,33 @@ class Processor:
             n = self.resampler.process(self._mono[:n_mono], self._resampled)
             self._consume(self._resampled[:n])
 
+    def frames_until_output(self) -> int:
+        """Input frames (device rate) still to come before the next result a sink receives:
+        a scored window, a level span or a machine reading.
+
+        The daemon sleeps until that much audio has arrived: it then wakes a few dozen
+        times a second instead of at every capture block, and no result comes later.
+        """
+        timing = self.timing
+        needed = self._samples_until_frame(self._next_scored_frame())
+        if timing.publish_levels:
+            needed = min(needed, timing.level_span - self._level_filled)
+        for scorer in self.machines:
+            end = scorer.next_reading_end(timing.frame_end(self.frames))
+            frame = max(self.frames, -(-(end - timing.window) // timing.hop))
+            needed = min(needed, self._samples_until_frame(frame))
+        return self.resampler.inputs_for(needed)
+
+    def _next_scored_frame(self) -> int:
+        """Index of the next frame that completes a scored window."""
+        timing = self.timing
+        count = max(self.frames + 1, timing.window_frames)  # frames once it is pushed
+        behind = count - timing.window_frames
+        return count + (-behind) % timing.stride_frames - 1
+
+    def _samples_until_frame(self, frame_index: int) -> int:
+        return self.timing.frame_end(frame_index) - self.samples
+
     def set_rules(self, rules: dict[str, ClassRule]) -> None:
         """Use new event rules from the next window on (start-up, SIGHUP reload)."""
         timing, detector = self.timing, self.detector

@@ -159,6 +159,13 @@ class StreamingResampler:
         """Room `out` needs for `process` of `n_in` samples (an upper bound for any state)."""
         return -(-n_in * self.up // self.down)
 
+    def inputs_for(self, outputs: int) -> int:
+        """Inputs still needed before `process` has written `outputs` more samples."""
+        if outputs <= 0 or self.identity:
+            return max(outputs, 0)
+        # Output j sits at t + j*down on the upsampled grid and needs the input under it.
+        return (self._t + (outputs - 1) * self.down) // self.up + 1
+
     def reset(self) -> None:
         """Forget history, as if the stream started anew (e.g. after a capture gap)."""
         self._xbuf[:] = 0.0

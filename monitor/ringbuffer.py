@@ -7,6 +7,11 @@ indices are each written by exactly one thread.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
+import weakref
+
 import numpy as np
 
 __all__ = ["SpscRingBuffer"]
@@ -31,6 +36,11 @@ class SpscRingBuffer:
 
     What does not fit is dropped (never blocks) and counted in
     `overrun_samples` / `overrun_events`, which only the writer updates.
+
+    The reader can sleep until a given amount is readable (`wait_for`): it sets a
+    mark, and the writer rings a doorbell (one byte into a non-blocking pipe, never
+    a lock) once when its index crosses it. The mark and its number are written by
+    the reader only, the number of the mark last rung by the writer only.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -47,6 +57,10 @@ class SpscRingBuffer:
         self._read_index = 0  # written only by the reader thread
         self.overrun_samples = 0  # writer-only: samples offered but dropped
         self.overrun_events = 0  # writer-only: write() calls that dropped anything
+        self._doorbell: tuple[int, int] | None = None  # (read fd, write fd), made by the reader
+        self._wake_at = 0  # reader-only: ring the doorbell when _write_index reaches this
+        self._wait_number = 0  # reader-only: +1 per wait, published after _wake_at
+        self._rung_number = 0  # writer-only: the wait the doorbell was rung for
 
     @classmethod
     def for_duration(cls, *, seconds: float, sample_rate: int, channels: int) -> SpscRingBuffer:
@@ -95,7 +109,39 @@ class SpscRingBuffer:
         if n < offered:
             self.overrun_samples += offered - n
             self.overrun_events += 1
+        if self._wait_number != self._rung_number and self._write_index >= self._wake_at:
+            self._rung_number = self._wait_number
+            self._ring_doorbell()
         return n
+
+    def _ring_doorbell(self) -> None:
+        assert self._doorbell is not None  # made before the first wait was published
+        with contextlib.suppress(BlockingIOError):  # pipe full: wake-ups are pending anyway
+            os.write(self._doorbell[1], b"\0")
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        """Sleep until `count` samples are readable or `timeout` seconds pass; True if they
+        are. Reader thread only.
+
+        Lets the reader wake once when the data it needs has landed instead of polling
+        (each wake-up costs CPU); `count` is capped at the capacity.
+        """
+        target = self._read_index + min(count, self._capacity)
+        if self._write_index >= target:
+            return True
+        if self._doorbell is None:
+            self._doorbell = os.pipe()
+            for fd in self._doorbell:
+                os.set_blocking(fd, False)
+            weakref.finalize(self, _close_all, self._doorbell)
+        self._wake_at = target
+        self._wait_number += 1  # publish after the mark
+        if self._write_index < target:  # else the writer crossed it before seeing the mark
+            ready, _, _ = select.select([self._doorbell[0]], [], [], max(timeout, 0.0))
+            if ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._doorbell[0], 4096)
+        return self._write_index >= target
 
     def readinto(self, out: np.ndarray, *, multiple_of: int = 1) -> int:
         """Copy up to `len(out)` available samples into `out`; return the count. Reader only.
@@ -116,3 +162,8 @@ class SpscRingBuffer:
             out[first:n] = self._buf[: n - first]
         self._read_index = r + n  # publish after the copy
         return n
+
+
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -135,3 +136,24 @@ def test_two_threads_writer_overruns_gives_in_order_subsequence() -> None:
     # Everything stored was read, and stored + dropped == offered.
     assert received.shape[0] == ring.written_total
     assert ring.written_total + ring.overrun_samples == total
+
+
+def test_wait_for_sleeps_until_the_writer_crosses_the_mark() -> None:
+    """The reader is woken by the write that completes what it waits for, not before (a
+    premature wake returns False) and not by its timeout."""
+    ring = SpscRingBuffer(1024)
+    assert not ring.wait_for(10, timeout=0.01)  # nothing written: times out
+    result: list[bool] = []
+    reader = threading.Thread(target=lambda: result.append(ring.wait_for(100, timeout=60)))
+    started = time.monotonic()
+    reader.start()
+    ring.write(np.zeros(60, dtype=np.float32))  # below the mark
+    time.sleep(0.1)
+    assert not result, "woke before the mark was reached"
+    ring.write(np.zeros(60, dtype=np.float32))  # crosses it
+    reader.join(60)
+    assert result == [True]
+    assert time.monotonic() - started < 30, "woken by the timeout, not by the write"
+    assert ring.wait_for(100, timeout=0)  # already readable: no wait at all
+    ring.readinto(np.zeros(120, dtype=np.float32))
+    assert not ring.wait_for(1, timeout=0)
