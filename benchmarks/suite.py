@@ -375,10 +375,12 @@ def bench_resources(path: Path, config: Path, seconds: float) -> dict[str, Any]:
 def bench_live_mic(config: Path, seconds: float) -> dict[str, Any]:
     """CPU and RSS of the daemon (event model + one anomaly scorer) capturing a real
     PortAudio stream (JACK dummy driver, 10 ms periods): the live deployment shape, without
-    a file decoder in the capture path. Kernels ahead of time, then just in time."""
+    a file decoder in the capture path. The deployment (C capture callback, kernels ahead of
+    time), then each with one thing changed: the Python callback, kernels just in time."""
     import shutil
 
     from monitor.jit import JIT_ENV
+    from monitor.native_capture import PYTHON_CAPTURE_ENV, load
 
     if shutil.which("jackd") is None or shutil.which("jack_lsp") is None:
         return {"skipped": "jackd not installed (Debian jackd2)"}
@@ -388,20 +390,23 @@ def bench_live_mic(config: Path, seconds: float) -> dict[str, Any]:
     server = subprocess.Popen(["jackd", "--no-realtime", "-n", name, "-d", "dummy", "-r",
                                str(RATE), "-p", "160"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"c_callback_built": load() is not None}
     try:
         for _ in range(100):
             if subprocess.run(["jack_lsp"], env=env, capture_output=True).returncode == 0:
                 break
             time.sleep(0.1)
         with tempfile.TemporaryDirectory() as folder:
-            for label, jit_only in (("aot", "0"), ("jit_warm", "1")):
+            runs: tuple[tuple[str, dict[str, str]], ...] = (
+                ("aot", {}), ("python_callback", {PYTHON_CAPTURE_ENV: "1"}),
+                    ("jit_warm", {JIT_ENV: "1"}))
+            for label, changed in runs:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "monitor", "run", "--source", "mic:system",
                      "--rate", str(RATE), "--publish", f"ipc://{folder}/{label}.sock",
                      "--config", str(config)],
-                    env={**env, JIT_ENV: jit_only}, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL)
+                    env={**env, JIT_ENV: "0", PYTHON_CAPTURE_ENV: "0", **changed},
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(5.0)
                 if proc.poll() is not None:
                     results[label] = {"skipped": f"daemon exited with {proc.returncode}"}
@@ -478,7 +483,9 @@ def render(r: dict[str, Any]) -> str:
          f"p99 {lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms ({lat['windows']} windows)"),
         *[(f"live mic (PortAudio/JACK), model + 1 scorer, {label}", _cpu(mic.get(key, {})),
            _rss(mic.get(key, {})) if "skipped" not in mic else mic["skipped"])
-          for key, label in (("aot", "AOT kernels"), ("jit_warm", "JIT kernels"))],
+          for key, label in (("aot", "C callback, AOT kernels"),
+                             ("python_callback", "Python callback"),
+                             ("jit_warm", "JIT kernels"))],
         *[(f"file at real-time pace, model + 1 scorer, {label}", _cpu(res.get(key, {})),
            _rss(res.get(key, {}))) for key, label in (("aot", "AOT kernels"),
                                                       ("jit_warm", "JIT kernels"))],

@@ -473,7 +473,7 @@ class MicSource(Source):
         self._device_index = int(info["index"])
         self._blocksize = max(1, round(block_ms * rate / 1000.0))
         self._stall_s = max(stall_s, 4.0 * block_ms / 1000.0)
-        self._stream: sd.InputStream | None = None
+        self._stream: sd._StreamBase | None = None
         self._running = False  # between start() and stop(); consumer thread only
         self._stream_finished = False  # set by PortAudio's finished_callback
         self._backoff = _BACKOFF_FIRST_S
@@ -483,12 +483,15 @@ class MicSource(Source):
         self._reaper: threading.Thread | None = None
         self._closing_since = 0.0
         self._close_warned = False
+        self._native = self.ring.native_capture(channels)
+        """The C callback (monitor.native_capture) when built, else None: `_callback`."""
 
     # --- PortAudio thread -------------------------------------------------------------
     def _callback(
         self, indata: np.ndarray, frames: int, time: Any, status: sd.CallbackFlags
     ) -> None:
-        """Copy into the ring and count flags. Nothing else (no allocation, I/O or logging)."""
+        """Copy into the ring and count flags. Nothing else (no allocation, I/O or logging).
+        Used when the C callback is not built; it does the same without entering Python."""
         self.ring.write(indata.reshape(-1))
         counters = self.counters
         counters.callbacks += 1
@@ -505,16 +508,19 @@ class MicSource(Source):
     def _open(self) -> None:
         """Open and start the stream on `self._device_index`; AudioDeviceError if it cannot."""
         self._stream_finished = False
+        native = self._native
         try:
-            stream = sd.InputStream(
-                device=self._device_index,
-                samplerate=self.sample_rate,
-                channels=self.channels,
-                dtype="float32",
-                blocksize=self._blocksize,
-                callback=self._callback,
-                finished_callback=self._finished,
-            )
+            if native is None:
+                stream = sd.InputStream(
+                    device=self._device_index, samplerate=self.sample_rate,
+                    channels=self.channels, dtype="float32", blocksize=self._blocksize,
+                    callback=self._callback, finished_callback=self._finished)
+            else:  # sounddevice's documented base for streams with a C callback
+                stream = sd._StreamBase(
+                    kind="input", device=self._device_index, samplerate=self.sample_rate,
+                    channels=self.channels, dtype="float32", blocksize=self._blocksize,
+                    callback=native.callback, userdata=native.userdata,
+                    finished_callback=self._finished)
         except (sd.PortAudioError, ValueError) as err:
             raise AudioDeviceError(
                 f"cannot open input device {self.device_name!r} [{self.hostapi}] at "
@@ -551,7 +557,8 @@ class MicSource(Source):
         self._open()
         self._running = True
         self._seen_callbacks = -1
-        logger.info("capturing from %s", self.description)
+        logger.info("capturing from %s (%s)", self.description,
+                    "Python callback" if self._native is None else "C callback")
 
     def stop(self) -> None:
         self._running = False
@@ -616,6 +623,10 @@ class MicSource(Source):
 
     def poll(self, now: float) -> None:
         """Detect a dead stream and reopen it with backoff; never raises, never blocks long."""
+        if self._native is not None:  # the C callback counts on its own
+            counters = self.counters
+            counters.callbacks, counters.input_overflow, counters.input_underflow = \
+                self._native.counts()
         if not self._running:
             return
         try:
@@ -662,7 +673,7 @@ class MicSource(Source):
         logger.info("reopened %s (reconnect %d)", self.description, self.counters.reconnects)
 
 
-def _close_quietly(stream: sd.InputStream) -> None:
+def _close_quietly(stream: sd._StreamBase) -> None:
     try:
         stream.abort(ignore_errors=True)
     finally:

@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 from jack_server import JackServer, jack_server, portaudio_on, require_jackd, stop_stale
+from test_native_capture import require_native_capture
 
 from monitor.errors import AudioDeviceError
+from monitor.native_capture import PYTHON_CAPTURE_ENV
 from monitor.sources import MicSource, list_input_devices
 
 RATE = 16000
@@ -126,12 +128,20 @@ def _capture_once(clip: np.ndarray, log_dir: Path) -> tuple[np.ndarray, MicSourc
     return captured[:count], mic, player
 
 
-def test_capture_through_portaudio_jack_is_bit_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("callback", ["C", "Python"])
+def test_capture_through_portaudio_jack_is_bit_exact(callback: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both capture callbacks: the C one (built by set-up) and the Python fallback."""
+    if callback == "Python":
+        monkeypatch.setenv(PYTHON_CAPTURE_ENV, "1")
+    else:
+        require_native_capture()
     clip = _reference_clip()
     # A JACK xrun (a client late for its cycle: likely on a loaded 2-core CI box running
     # jackd without real-time priority) can lose a cycle; only then is the run repeated.
     for attempt in range(3):
         captured, mic, player = _capture_once(clip, tmp_path)
+        assert (mic._native is not None) == (callback == "C")
         if player.xruns == 0 and mic.counters.input_overflow == 0:
             break
         print(f"attempt {attempt}: {player.xruns} JACK xruns, {mic.counters}")
@@ -223,13 +233,13 @@ def _scenario_stall(server_name: str, log_dir: str) -> dict[str, Any]:
             mic = MicSource("system", sample_rate=RATE, channels=2, ring_seconds=4.0,
                             block_ms=10, stall_s=2.0)
             mic.start()
-            _wait_for(lambda: mic.counters.callbacks > 5)
+            _wait_for(lambda: mic.ring.written_total > 5 * 320)
             now = 1000.0  # fake monotonic clock: no sleeping for the stall timeout
             mic.poll(now)
             server.pause()
-            calls = mic.counters.callbacks
+            written = mic.ring.written_total
             time.sleep(0.1)
-            result["callbacks_frozen"] = mic.counters.callbacks - calls <= 2
+            result["callbacks_frozen"] = mic.ring.written_total - written <= 2 * 320
             now += 0.1
             mic.poll(now)
             now += 2.5  # past stall_s with no callback
@@ -266,7 +276,7 @@ def _scenario_kill(server_name: str, log_dir: str) -> dict[str, Any]:
             mic = MicSource("system", sample_rate=RATE, channels=2, ring_seconds=4.0,
                             block_ms=10)
             mic.start()
-            _wait_for(lambda: mic.counters.callbacks > 5)
+            _wait_for(lambda: mic.ring.written_total > 5 * 320)
             server.stop()
             now = 1000.0
             slowest = 0.0

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from test_native_capture import CWriter
 
 from monitor.ringbuffer import SpscRingBuffer
 
@@ -138,19 +139,22 @@ def test_two_threads_writer_overruns_gives_in_order_subsequence() -> None:
     assert ring.written_total + ring.overrun_samples == total
 
 
-def test_wait_for_sleeps_until_the_writer_crosses_the_mark() -> None:
+@pytest.mark.parametrize("writer", ["Python", "C"])
+def test_wait_for_sleeps_until_the_writer_crosses_the_mark(writer: str) -> None:
     """The reader is woken by the write that completes what it waits for, not before (a
-    premature wake returns False) and not by its timeout."""
+    premature wake returns False) and not by its timeout. The writer is `write` or the C
+    capture callback."""
     ring = SpscRingBuffer(1024)
+    write = ring.write if writer == "Python" else CWriter(ring, channels=1).write
     assert not ring.wait_for(10, timeout=0.01)  # nothing written: times out
     result: list[bool] = []
     reader = threading.Thread(target=lambda: result.append(ring.wait_for(100, timeout=60)))
     started = time.monotonic()
     reader.start()
-    ring.write(np.zeros(60, dtype=np.float32))  # below the mark
+    write(np.zeros(60, dtype=np.float32))  # below the mark
     time.sleep(0.1)
     assert not result, "woke before the mark was reached"
-    ring.write(np.zeros(60, dtype=np.float32))  # crosses it
+    write(np.zeros(60, dtype=np.float32))  # crosses it
     reader.join(60)
     assert result == [True]
     assert time.monotonic() - started < 30, "woken by the timeout, not by the write"
