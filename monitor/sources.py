@@ -546,7 +546,7 @@ class MicSource(Source):
         if stream is None:
             return
         reaper = threading.Thread(
-            target=_close_quietly, args=(stream,), name="mic-close", daemon=True
+            target=_close_quietly, args=(stream, self._native), name="mic-close", daemon=True
         )
         reaper.start()
         self._reaper = reaper
@@ -673,7 +673,9 @@ class MicSource(Source):
         logger.info("reopened %s (reconnect %d)", self.description, self.counters.reconnects)
 
 
-def _close_quietly(stream: sd._StreamBase) -> None:
+def _close_quietly(stream: sd._StreamBase, callback_memory: object = None) -> None:
+    """Abort and close; `callback_memory` (the C callback's ring and struct) is held until
+    PortAudio can no longer call the callback, even if its source is gone by then."""
     try:
         stream.abort(ignore_errors=True)
     finally:
