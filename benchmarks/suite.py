@@ -299,19 +299,20 @@ def _measure(pid: int, seconds: float, windows: int = 6) -> dict[str, Any]:
         cpu0, wall0 = _cpu_seconds(pid), time.perf_counter()
         time.sleep(seconds / windows)
         shares.append(100.0 * (_cpu_seconds(pid) - cpu0) / (time.perf_counter() - wall0))
-    return {"cpu_percent_of_one_core": float(np.median(shares)),
-            "cpu_percent_min": min(shares), "cpu_percent_max": max(shares),
-            "rss_mb": _rss_mb(pid), "cpu_slices": shares}
+    return _summary(shares, _rss_mb(pid))
 
 
 def _pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One configuration measured in several runs: median and range over all their slices,
     the largest RSS."""
-    shares = [share for run in runs for share in run["cpu_slices"]]
+    return {**_summary([share for run in runs for share in run["cpu_slices"]],
+                       max(run["rss_mb"] for run in runs)), "runs": len(runs)}
+
+
+def _summary(shares: list[float], rss_mb: float) -> dict[str, Any]:
     return {"cpu_percent_of_one_core": float(np.median(shares)),
             "cpu_percent_min": min(shares), "cpu_percent_max": max(shares),
-            "rss_mb": max(run["rss_mb"] for run in runs), "cpu_slices": shares,
-            "runs": len(runs)}
+            "rss_mb": rss_mb, "cpu_slices": shares}
 
 
 BENCH_MACHINE = "bench-machine"

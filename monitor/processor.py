@@ -71,6 +71,10 @@ class Timing:
         """Sample just after the last sample of frame `frame_index` (0-based)."""
         return frame_index * self.hop + self.window
 
+    def first_frame_ending_at(self, sample: int) -> int:
+        """Index of the first frame whose `frame_end` is at or after `sample`."""
+        return max(0, -(-(sample - self.window) // self.hop))
+
 
 def derive_timing(config: Config, detector: Detector) -> Timing:
     params = detector.card.frontend
@@ -192,7 +196,7 @@ class Processor:
             needed = min(needed, timing.level_span - self._level_filled)
         for scorer in self.machines:
             end = scorer.next_reading_end(timing.frame_end(self.frames))
-            frame = max(self.frames, -(-(end - timing.window) // timing.hop))
+            frame = max(self.frames, timing.first_frame_ending_at(end))
             needed = min(needed, self._samples_until_frame(frame))
         return self.resampler.inputs_for(needed)
 

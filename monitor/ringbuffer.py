@@ -64,7 +64,7 @@ class SpscRingBuffer:
         self._state = np.zeros(len(STATE_FIELDS), dtype=np.int64)
         self._state[DOORBELL_FD] = -1
         self._doorbell: tuple[int, int] | None = None  # (read fd, write fd), made by the reader
-        native = load_native()
+        self._native = native = load_native()  # the C capture callback's extension, if built
         self._acquire: Callable[[], None] = native.lib.am_acquire_fence if native else _no_fence
         self._release: Callable[[], None] = native.lib.am_release_fence if native else _no_fence
         self._full: Callable[[], None] = native.lib.am_full_fence if native else _no_fence
@@ -190,10 +190,9 @@ class SpscRingBuffer:
 
     def native_capture(self, channels: int) -> Capture | None:
         """The C capture callback bound to this ring (None: not built; use `write`)."""
-        native = load_native()
-        if native is None:
+        if self._native is None:
             return None
-        return Capture(native, buf=self._buf, state=self._state, channels=channels)
+        return Capture(self._native, buf=self._buf, state=self._state, channels=channels)
 
 
 def _no_fence() -> None:
