@@ -300,7 +300,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from monitor.analyze import analyze_file
+    from monitor.analyze import analyze
     from monitor.detector import Detector
 
     config = _load(args)
@@ -309,14 +309,15 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.files:
         try:
-            events, error = analyze_file(path, config=config, detector=detector)
+            result = analyze(path, config=config, detector=detector)
         except MonitorError as err:
             print(f"audio-monitor: error: {err}", file=sys.stderr)
             failed += 1
             continue
-        if error:
-            print(f"audio-monitor: warning: {error}", file=sys.stderr)
-        for event in events:
+        for warning in [result.error, *result.warnings]:
+            if warning:
+                print(f"audio-monitor: warning: {warning}", file=sys.stderr)
+        for event in result.events:
             if args.format == "jsonl":
                 print(json.dumps(event.to_json()), flush=True)
             rows.append(event)

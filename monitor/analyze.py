@@ -13,6 +13,7 @@ from monitor.detector import Detector
 from monitor.errors import SourceError
 from monitor.events import Transition
 from monitor.processor import NullSink, Processor
+from monitor.sources import promised_frames, truncation_warning
 
 BLOCK_FRAMES = 4096
 
@@ -53,10 +54,25 @@ class _CollectingSink(NullSink):
             score=round(transition.peak_score, 4), machine=transition.machine))
 
 
-def analyze_file(path: Path, *, config: Config,
-                 detector: Detector) -> tuple[list[FileEvent], str | None]:
-    """Events found in one file, as the live daemon would find them, and the read error
-    that cut the file short, if any (events found before it are kept)."""
+@dataclass(frozen=True)
+class FileAnalysis:
+    """What `analyze` found in one file and what it has to say about the file."""
+
+    events: list[FileEvent]
+    error: str | None
+    """The read error that cut the file short, if any (events before it are kept)."""
+    warnings: list[str]
+    """Damage and edge cases, one line each: a file shorter than its header promised, a
+    file shorter than one window (padded with silence and scored)."""
+    seconds: float
+    """Audio read, seconds."""
+    windows: int
+    """Windows scored, the end-of-file padding included."""
+
+
+def analyze(path: Path, *, config: Config, detector: Detector) -> FileAnalysis:
+    """Events found in one file, as the live daemon would find them (same chain, same
+    `Processor.finish` at the end of the file)."""
     try:
         handle = sf.SoundFile(str(path))
     except (sf.LibsndfileError, RuntimeError, OSError) as err:
@@ -64,7 +80,10 @@ def analyze_file(path: Path, *, config: Config,
     detector.reset()
     sink = _CollectingSink(str(path), detector.card.frontend.sample_rate)
     error = None
+    warnings = []
+    read = 0
     with handle:
+        promised = promised_frames(path, handle)
         processor = Processor(config, detector, in_rate=handle.samplerate,
                               channels=handle.channels, max_block=BLOCK_FRAMES, sink=sink)
         block = np.zeros((BLOCK_FRAMES, handle.channels), dtype=np.float32)
@@ -73,9 +92,27 @@ def analyze_file(path: Path, *, config: Config,
                 n = handle.read(out=block, dtype="float32", always_2d=True).shape[0]
                 if n == 0:
                     break
+                read += n
                 processor.process(block[:n].reshape(-1))
         except (sf.LibsndfileError, RuntimeError) as err:
             seconds = processor.samples / processor.timing.sample_rate
             error = f"audio file {path} is corrupt after {seconds:.2f} s: {err}"
         processor.finish()
-    return sink.events, error
+    truncated = truncation_warning(path, read, promised)
+    if truncated is not None and error is None:
+        warnings.append(truncated)
+    timing = processor.timing
+    seconds = processor.samples / timing.sample_rate
+    if processor.samples < timing.detector_window:
+        warnings.append(f"{path}: holds {seconds:.3f} s of audio, less than one "
+                        f"{timing.detector_window / timing.sample_rate:.3f} s window: padded "
+                        f"with silence and scored ({processor.windows} windows)")
+    return FileAnalysis(events=sink.events, error=error, warnings=warnings, seconds=seconds,
+                        windows=processor.windows)
+
+
+def analyze_file(path: Path, *, config: Config,
+                 detector: Detector) -> tuple[list[FileEvent], str | None]:
+    """`analyze` reduced to the events and the read error, if any."""
+    result = analyze(path, config=config, detector=detector)
+    return result.events, result.error

@@ -470,6 +470,7 @@ class MachineScorer:
         return MachineReading(machine=self.machine, end=end, score=score,
                               threshold=self.threshold, running=running, transition=transition)
 
-    def flush(self, end: int) -> Transition | None:
-        """The stream ended at sample `end`: close an active fault event."""
+    def flush(self, end: int) -> list[Transition]:
+        """The stream ended at sample `end`: decide a fault event as `ClassEventLogic.flush`
+        does (an active one ends; a confirmed one short of min_duration starts and ends)."""
         return self.events.flush(end)

@@ -262,7 +262,8 @@ class Daemon:
             logger.error("reload refused, keeping the running rules: %s", err)
             self.health.reloaded(self._describe())
             return False
-        for transition in processor.events.flush(processor.samples):
+        # The audio goes on: a candidate short of min_duration is dropped, not decided.
+        for transition in processor.events.flush(processor.samples, decide_pending=False):
             processor.sink.on_transition(transition)
         processor.set_rules(rules)
         self.sink.thresholds = {name: rule.threshold for name, rule in rules.items()}

@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from monitor.errors import ConfigError, ModelError
-from monitor.frontend import FrontendParams
+from monitor.frontend import FrontendParams, silence_frame
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,9 @@ class Detector:
     """Scores a sliding window of log-mel frames with an ONNX model.
 
     Frames are pushed one at a time into a doubled buffer, so the newest window is
-    always one contiguous view and scoring copies nothing.
+    always one contiguous view and scoring copies nothing. The history starts filled with
+    `silence` (the front end's frame of digital silence), so a window can be scored from
+    the first frame of a stream on: as if the stream were preceded by silence.
     """
 
     def __init__(self, model_path: Path, *, threads: int = 1) -> None:
@@ -146,9 +148,13 @@ class Detector:
         self.classes = card.classes
         self.window_frames = card.window_frames
         n_mels = card.frontend.n_mels
+        self.silence = silence_frame(card.frontend)
+        """(n_mels,) log-mel frame of digital silence, read-only: history before the first
+        frame, and the padding after the last one (see `Processor.finish`)."""
         self._frames = np.zeros((2 * self.window_frames, n_mels), dtype=np.float32)
         self._position = 0
         self.frames_seen = 0
+        self.reset()
         self.scores = np.zeros(len(self.classes), dtype=np.float32)
         """Scores of the latest window (updated in place by `score`)."""
 
@@ -174,8 +180,8 @@ class Detector:
                                  "expected tensor(float)")
 
     def reset(self) -> None:
-        """Forget pushed frames (a new stream)."""
-        self._frames.fill(0.0)
+        """Forget pushed frames (a new stream): the history is silence again."""
+        self._frames[:] = self.silence
         self._position = 0
         self.frames_seen = 0
 
@@ -194,6 +200,7 @@ class Detector:
 
     @property
     def window_full(self) -> bool:
+        """True once the window holds only pushed frames (no silence from before the stream)."""
         return self.frames_seen >= self.window_frames
 
     def score(self) -> np.ndarray:

@@ -6,6 +6,19 @@ reach ``threshold`` (N-of-M confirmation against one-window false alarms) and it
 has lasted ``min_duration`` samples; it ends when the score falls below
 ``release`` (hysteresis, so a score wobbling around the threshold does not flap).
 After an end, the class is quiet for ``refractory`` samples.
+
+Reported times: the onset is placed ``onset_lead`` before the end of the first hit
+window of the confirming set, the offset where the sound left the last window that
+stayed above ``release``; every published event has ``offset - onset >= min_duration``
+(the offset is moved later if need be).
+
+End of stream: the processor first scores every window that holds real audio (the
+tail padded with silence, see `Processor.finish`), then calls `flush`. The rule for
+what is pending then: a candidate that met its N-of-M confirmation and has not fallen
+below ``release`` is published (start, then end) even if the audio ended before
+``min_duration`` was reached; hits that never met N-of-M are not. Times are kept within
+the audio where they can be: with ``audio_end`` set, an onset lies at most
+``min_duration`` before it and an offset not after it.
 """
 
 from __future__ import annotations
@@ -70,6 +83,9 @@ class ClassEventLogic:
         self.onset_lead = window // 2 if onset_lead is None else min(onset_lead, window)
         self._hits = [False] * rule.confirm_m
         self._hit_ends = [0] * rule.confirm_m
+        self.audio_end: int | None = None
+        """Sample where the stream's audio ended, once known (set before the padded tail
+        is scored); onsets and offsets are kept before it. None while the stream runs."""
         self.reset()
 
     def reset(self) -> None:
@@ -84,6 +100,7 @@ class ClassEventLogic:
         self._peak = 0.0
         self._quiet_until = -1
         self._events = 0
+        self.audio_end = None
         self.suppressed = 0
         """Confirmed candidates that ended before min_duration (counted, not published)."""
 
@@ -109,11 +126,21 @@ class ClassEventLogic:
             return None
         return self._finish(end)
 
-    def flush(self, end: int) -> Transition | None:
-        """The stream ended at sample `end`: close an active event."""
+    def flush(self, end: int, *, decide_pending: bool = True) -> list[Transition]:
+        """The stream ended at sample `end` (every window holding its audio was scored):
+        close an active event; a confirmed candidate still short of `min_duration` is
+        published, start then end (module docstring). With `decide_pending=False` (rules
+        swapped mid-stream) such a candidate is dropped and counted in `suppressed`."""
         if self._state is _State.IDLE:
-            return None
-        return self._finish(end)
+            return []
+        out = []
+        if self._state is _State.PENDING and decide_pending:
+            self._state = _State.ACTIVE
+            out.append(self._transition("start", None))
+        transition = self._finish(end)
+        if transition is not None:
+            out.append(transition)
+        return out
 
     def _maybe_confirm(self, score: float, end: int) -> Transition | None:
         rule = self.rule
@@ -121,7 +148,10 @@ class ClassEventLogic:
             return None
         first_hit_end = min(e for e, h in zip(self._hit_ends, self._hits, strict=True) if h)
         self._first_hit = first_hit_end
-        self._onset = max(0, first_hit_end - self.onset_lead)
+        onset = first_hit_end - self.onset_lead
+        if self.audio_end is not None:  # a padded window: the sound lies in the audio
+            onset = min(onset, self.audio_end - rule.min_duration)
+        self._onset = max(0, onset)
         self._peak = score
         self._last_above_release = end
         self._state = _State.PENDING
@@ -137,8 +167,10 @@ class ClassEventLogic:
         for i in range(self.rule.confirm_m):
             self._hits[i] = False
         # The next window (ending one stride later) fell below release: the sound had left it.
-        last = self._last_above_release
-        offset = max(self._onset, min(end, last - self.window + self.stride))
+        offset = min(end, self._last_above_release - self.window + self.stride)
+        if self.audio_end is not None:
+            offset = min(offset, self.audio_end)
+        offset = max(offset, self._onset + self.rule.min_duration)
         self._quiet_until = end + self.rule.refractory
         if not was_active:
             self.suppressed += 1
@@ -177,6 +209,12 @@ class EventLogic:
         for _, logic in self._watched:
             logic.reset()
 
+    def set_audio_end(self, end: int) -> None:
+        """The stream's audio ended at sample `end`; windows scored from now on are padding
+        (see `ClassEventLogic.audio_end`)."""
+        for _, logic in self._watched:
+            logic.audio_end = end
+
     def update(self, scores: object, end: int) -> list[Transition]:
         """`scores` is the model's score vector (indexable by class index)."""
         out = []
@@ -186,10 +224,9 @@ class EventLogic:
                 out.append(transition)
         return out
 
-    def flush(self, end: int) -> list[Transition]:
+    def flush(self, end: int, *, decide_pending: bool = True) -> list[Transition]:
+        """End of stream at sample `end`: see `ClassEventLogic.flush`."""
         out = []
         for _, logic in self._watched:
-            transition = logic.flush(end)
-            if transition is not None:
-                out.append(transition)
+            out.extend(logic.flush(end, decide_pending=decide_pending))
         return out

@@ -293,6 +293,16 @@ def logmel_of(samples: np.ndarray, params: FrontendParams) -> np.ndarray:
     return out[:n].copy() if n < out.shape[0] else out
 
 
+@functools.lru_cache(maxsize=16)
+def silence_frame(params: FrontendParams) -> np.ndarray:
+    """(n_mels,) float32, read-only: the log-mel frame of digital silence (zeros through the
+    front end). The detector's history starts filled with it, and the end of a stream is
+    padded with it, so the model sees silence around a stream as it would around a sound."""
+    frame = logmel_of(np.zeros(params.win_length, dtype=np.float32), params)[0].copy()
+    frame.setflags(write=False)
+    return frame
+
+
 def offline_logmel(samples: np.ndarray, params: FrontendParams) -> np.ndarray:
     """Plain-numpy reference (np.fft.rfft over all frames at once); the tests' oracle."""
     params.validate()

@@ -3,6 +3,13 @@
 interleaved device audio -> downmix -> resample -> condition/meter -> log-mel
 front end -> sliding-window detector (every stride) -> event logic.
 
+Stream edges: the detector's history starts as silence, so windows are scored at every
+stride from the first frame on (a sound in the first second is judged like any other,
+and a stream shorter than one window is scored too). `finish` ends every stream the
+same way (file end, stdin EOF, SIGTERM, SIGINT, `analyze`): the audio is continued with
+silence until every window holding real audio has been scored, then what is pending
+is decided (see `monitor.events`).
+
 Live and offline runs feed the same `Processor`, only in different block sizes; the
 chain is chunk-size invariant, so both give the same events for the same audio.
 Results leave through a `Sink`, so this module does no I/O.
@@ -163,12 +170,24 @@ class Processor:
                          for name, settings in config.machines.items()]
         self._mono = np.zeros(max_block, dtype=np.float32)
         self._resampled = np.zeros(self.resampler.max_output(max_block), dtype=np.float32)
-        self._frames = np.zeros((self.frontend.max_frames(self._resampled.shape[0]),
+        self._frames = np.zeros((self.frontend.max_frames(max(self._resampled.shape[0],
+                                                              timing.window)),
                                  detector.card.frontend.n_mels), dtype=np.float32)
+        self._zeros = np.zeros(timing.window, dtype=np.float32)
+        # Frames before frame 0 that hold the stream's first samples after silence, as the
+        # front end would have made them had silence preceded the stream: `lead_in` zeros,
+        # then the first `window - hop` samples (kept while they arrive).
+        self._lead_frames = -(-timing.window // timing.hop) - 1
+        self._lead_zeros = self._lead_frames * timing.hop
+        self._lead = np.zeros(self._lead_zeros + timing.window - timing.hop, dtype=np.float32)
+        self._lead_frontend = Frontend(detector.card.frontend, max_block=self._lead.shape[0])
+        self._lead_out = np.zeros((self._lead_frames, detector.card.frontend.n_mels),
+                                  dtype=np.float32)
         self._max_block = max_block
         self.samples = 0
         """Samples at the front-end rate processed so far (the audio clock)."""
         self.frames = 0
+        """Frames pushed to the detector (after `finish`, with the end-of-stream padding)."""
         self.windows = 0
         self._level_filled = 0
         self._inference_ms = np.zeros(INFERENCE_HISTORY, dtype=np.float64)
@@ -201,11 +220,12 @@ class Processor:
         return self.resampler.inputs_for(needed)
 
     def _next_scored_frame(self) -> int:
-        """Index of the next frame that completes a scored window."""
+        """Index of the next frame that completes a scored window: windows end at frame
+        counts `window_frames + k * stride_frames` for every integer k (the first ones
+        begin in the silence before the stream)."""
         timing = self.timing
-        count = max(self.frames + 1, timing.window_frames)  # frames once it is pushed
-        behind = count - timing.window_frames
-        return count + (-behind) % timing.stride_frames - 1
+        count = self.frames + 1  # frames once it is pushed
+        return count + (timing.window_frames - count) % timing.stride_frames - 1
 
     def _samples_until_frame(self, frame_index: int) -> int:
         return self.timing.frame_end(frame_index) - self.samples
@@ -225,6 +245,11 @@ class Processor:
             take = min(block.shape[0], span - self._level_filled)
             piece = block[:take]
             self.meter.condition(piece)
+            head = self._lead.shape[0] - self._lead_zeros - self.samples
+            if head > 0:
+                head = min(head, take)
+                start = self._lead_zeros + self.samples
+                self._lead[start:start + head] = piece[:head]
             n_frames = self.frontend.process(piece, self._frames)
             self.samples += take
             for i in range(n_frames):
@@ -238,8 +263,9 @@ class Processor:
             block = block[take:]
 
     def _on_frame(self, frame: np.ndarray) -> None:
-        detector = self.detector
-        detector.push(frame)
+        if self.frames == 0:
+            self._push_lead_in()
+        self.detector.push(frame)
         self.frames += 1
         timing = self.timing
         for scorer in self.machines:
@@ -247,19 +273,37 @@ class Processor:
                                     self.meter.rms_dbfs)
             if reading is not None:
                 self._on_machine(reading)
-        if not detector.window_full or \
-                (self.frames - timing.window_frames) % timing.stride_frames:
-            return
+        if (self.frames - timing.window_frames) % timing.stride_frames == 0:
+            self._score()
+
+    def _score(self) -> None:
+        """Score the window that ends with the latest frame and feed the event logic."""
         started = time.perf_counter()
-        scores = detector.score()
+        scores = self.detector.score()
         self._inference_ms[self._inference_count % INFERENCE_HISTORY] = \
             (time.perf_counter() - started) * 1000.0
         self._inference_count += 1
         self.windows += 1
-        end = timing.frame_end(self.frames - 1)
+        end = self.timing.frame_end(self.frames - 1)
         self.sink.on_scores(end, scores)
         for transition in self.events.update(scores, end):
             self.sink.on_transition(transition)
+
+    def _push_lead_in(self) -> None:
+        """Push the frames that straddle the stream's start into the detector's history
+        (no window ends on them: the silence before the stream is not judged)."""
+        self._lead_frontend.reset()
+        n = self._lead_frontend.process(self._lead, self._lead_out)
+        for i in range(n):
+            self.detector.push(self._lead_out[i])
+
+    def _pad(self, frame: np.ndarray) -> None:
+        """Push an end-of-stream frame: the detector only (machines and meter see audio)."""
+        self.detector.push(frame)
+        self.frames += 1
+        timing = self.timing
+        if (self.frames - timing.window_frames) % timing.stride_frames == 0:
+            self._score()
 
     def _on_machine(self, reading: MachineReading) -> None:
         self.sink.on_machine(reading)
@@ -281,17 +325,42 @@ class Processor:
         for scorer in self.machines:
             scorer.reset()
         self.meter = LevelMeter()
+        self._lead.fill(0.0)
         self.samples = self.frames = self.windows = 0
         self._level_filled = 0
         self._inference_count = 0
 
     def finish(self) -> None:
-        """The stream ended: close active events."""
+        """End of stream (file end, stdin EOF, SIGTERM, SIGINT, `analyze`); call it once.
+
+        The audio is continued with digital silence, as a model sees it around a sound:
+        the front end is fed zeros until every real sample lies in a frame, then the
+        detector gets the silent frame until the last window holding any real frame has
+        been scored, at the normal stride. Events are then decided by their rules
+        (`EventLogic.flush`): an active one ends, a confirmed candidate still short of
+        min_duration is published. Machine scorers, the level meter and `samples` see
+        only the real audio.
+        """
+        timing = self.timing
+        self.events.set_audio_end(self.samples)
+        if self.samples:
+            if self.frames == 0:
+                self._push_lead_in()
+            # Frame k holds samples [k*hop, k*hop + window): complete those that start
+            # inside the audio (fewer than `window` zeros).
+            frames_with_audio = -(-self.samples // timing.hop)
+            zeros = (frames_with_audio - 1) * timing.hop + timing.window - self.samples
+            n = self.frontend.process(self._zeros[:max(zeros, 0)], self._frames)
+            for i in range(n):
+                self._pad(self._frames[i])
+            last_real = self.frames - 1
+            silence = self.detector.silence
+            while self._next_scored_frame() - timing.window_frames < last_real:
+                self._pad(silence)  # the next window still starts at or before last_real
         for transition in self.events.flush(self.samples):
             self.sink.on_transition(transition)
         for scorer in self.machines:
-            fault = scorer.flush(self.samples)
-            if fault is not None:
+            for fault in scorer.flush(self.samples):
                 self.sink.on_transition(replace(fault, machine=scorer.machine))
 
     def last_inference_ms(self) -> float:

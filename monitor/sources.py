@@ -35,6 +35,8 @@ __all__ = [
     "StdinSource",
     "list_input_devices",
     "parse_source",
+    "promised_frames",
+    "truncation_warning",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,59 @@ _CLOSE_WARN_S = 5.0  # report a stream PortAudio has not closed after this long
 
 def _one_line(err: BaseException | str) -> str:
     return " ".join(str(err).split())
+
+
+def promised_frames(path: Path, handle: sf.SoundFile) -> int | None:
+    """Frames the file's header promises, or None when it does not say.
+
+    libsndfile reports how many frames a WAV really holds, not what its header promised,
+    so a WAV cut short in transfer would look whole: its `data` chunk size is read here.
+    Other formats: libsndfile's count (a FLAC's STREAMINFO), when the file is seekable.
+    """
+    if handle.format in ("WAV", "WAVEX", "RF64"):
+        return _wav_data_frames(path)
+    return handle.frames if handle.seekable() else None
+
+
+def _wav_data_frames(path: Path) -> int | None:
+    """Frames promised by a RIFF/RF64 WAV header (`data` size / block align); None when the
+    header gives no size (streamed WAVs write 0 or 0xFFFFFFFF) or cannot be read."""
+    try:
+        with path.open("rb") as handle:
+            riff = handle.read(12)
+            if len(riff) < 12 or riff[:4] not in (b"RIFF", b"RF64") or riff[8:12] != b"WAVE":
+                return None
+            size64 = None
+            block_align = 0
+            while True:
+                header = handle.read(8)
+                if len(header) < 8:
+                    return None
+                chunk, size = header[:4], int.from_bytes(header[4:], "little")
+                if chunk == b"ds64":
+                    body = handle.read(size)
+                    size64 = int.from_bytes(body[8:16], "little") if len(body) >= 16 else None
+                    size -= len(body)
+                elif chunk == b"fmt ":
+                    body = handle.read(size)
+                    block_align = int.from_bytes(body[12:14], "little") if len(body) >= 14 else 0
+                    size -= len(body)
+                elif chunk == b"data":
+                    if riff[:4] == b"RF64" and size == 0xFFFFFFFF:
+                        size = size64 if size64 is not None else 0
+                    if size in (0, 0xFFFFFFFF) or block_align <= 0:
+                        return None
+                    return size // block_align
+                handle.seek(size + (size & 1), os.SEEK_CUR)
+    except OSError:
+        return None
+
+
+def truncation_warning(path: Path, read: int, promised: int | None) -> str | None:
+    """The one line that names a file cut short: how much was read of how much promised."""
+    if promised is None or read >= promised:
+        return None
+    return f"{path}: ended after {read} of {promised} frames the header promised"
 
 
 @dataclass
@@ -215,7 +270,7 @@ class FileSource(_ThreadedSource):
         self.realtime = realtime
         self._block_frames = max(1, round(block_ms * rate / 1000.0))
         self._block = np.zeros((self._block_frames, channels), dtype=np.float32)
-        self._declared_frames = self._file.frames if self._file.seekable() else -1
+        self._declared_frames = promised_frames(path, self._file)
         self.frames_read = 0  # written by the reader thread
 
     def _run(self) -> None:
@@ -245,9 +300,9 @@ class FileSource(_ThreadedSource):
             elif not self._write_all(samples):
                 return
             self.frames_read += n
-        if 0 <= self.frames_read < self._declared_frames and not self._stop_event.is_set():
-            self._fail(f"{self.path}: ended after {self.frames_read} of "
-                       f"{self._declared_frames} frames")
+        warning = truncation_warning(self.path, self.frames_read, self._declared_frames)
+        if warning is not None and not self._stop_event.is_set():
+            self._fail(warning)
             logger.warning("%s", self._last_error)
 
     def _close(self) -> None:

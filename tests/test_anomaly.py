@@ -158,8 +158,8 @@ def test_fault_event_only_for_the_faulty_part(state_dir: Path, cwru: tuple) -> N
     start = transitions[0]
     assert normal.shape[0] - 0.5 * RATE <= start.onset <= normal.shape[0] + 2.0 * RATE
     assert 0.5 < start.peak_score < 1.0 and start.threshold == 0.5
-    end = sc.flush(normal.shape[0] + fault.shape[0])
-    assert end is not None and end.phase == "end"
+    (end,) = sc.flush(normal.shape[0] + fault.shape[0])
+    assert end.phase == "end" and end.event_number == start.event_number
 
 
 def test_threshold_scale_maps_to_normalised_threshold(state_dir: Path) -> None:

@@ -12,7 +12,7 @@ from tiny_model import build_tiny_model, loud_score
 
 from monitor.detector import Detector
 from monitor.errors import ModelError
-from monitor.frontend import FrontendParams
+from monitor.frontend import FrontendParams, logmel_of
 
 
 def test_scores_the_newest_window_like_the_oracle(tiny_model: Path) -> None:
@@ -30,6 +30,11 @@ def test_scores_the_newest_window_like_the_oracle(tiny_model: Path) -> None:
     np.testing.assert_array_equal(detector.latest_frame, frames[-1])
     detector.reset()
     assert not detector.window_full
+    # A new stream starts after silence: the history is the front end's silent frame.
+    silence = logmel_of(np.zeros(400, np.float32), FrontendParams())[0]
+    np.testing.assert_array_equal(detector.silence, silence)
+    assert detector.score()[0] == pytest.approx(
+        loud_score(np.tile(silence, (detector.window_frames, 1))), abs=1e-5)
 
 
 def copy_model(tiny_model: Path, folder: Path) -> Path:

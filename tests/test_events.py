@@ -27,9 +27,7 @@ def feed(logic: ClassEventLogic, scores: list[float], *,
         if t is not None:
             out.append((t.phase, i, t))
     if flush:
-        t = logic.flush(WINDOW + len(scores) * STRIDE)
-        if t is not None:
-            out.append((t.phase, len(scores), t))
+        out += [(t.phase, len(scores), t) for t in logic.flush(WINDOW + len(scores) * STRIDE)]
     return out
 
 
@@ -67,6 +65,67 @@ def test_n_of_m_rejects_isolated_hits() -> None:
     assert got[0][2].onset == WINDOW - WINDOW // 2
 
 
+def every_event_lasts_min_duration(got: list[tuple[str, int, Transition]],
+                                   min_duration: int) -> None:
+    ends = [t for phase, _, t in got if phase == "end"]
+    assert ends
+    for t in ends:
+        assert t.offset is not None and t.offset - t.onset >= min_duration, t
+
+
+def test_offset_is_at_least_min_duration_after_onset() -> None:
+    # One stride above threshold with a half-window onset lead: the sound-left-the-window
+    # offset would lie before the onset; the rule keeps the event min_duration long.
+    min_duration = STRIDE
+    got = feed(make(min_duration=min_duration), [0.1, 0.9, 0.9, 0.1, 0.1])
+    assert [(phase, i) for phase, i, _ in got] == [("start", 2), ("end", 3)]
+    every_event_lasts_min_duration(got, min_duration)
+    assert got[1][2].offset == got[1][2].onset + min_duration
+
+
+def test_end_of_stream_publishes_a_confirmed_candidate_short_of_min_duration() -> None:
+    logic = make(min_duration=5 * STRIDE)
+    got = feed(logic, [0.1, 0.9, 0.9])  # confirmed, 1 stride long, then the stream ends
+    assert [(phase, i) for phase, i, _ in got] == [("start", 3), ("end", 3)]
+    start, end = got[0][2], got[1][2]
+    assert start.event_number == end.event_number == 1 and start.onset == end.onset
+    every_event_lasts_min_duration(got, 5 * STRIDE)
+    assert logic.suppressed == 0
+    # Below release before the end: suppressed as anywhere in a stream.
+    logic = make(min_duration=5 * STRIDE)
+    assert feed(logic, [0.9, 0.1]) == [] and logic.suppressed == 1
+
+
+def test_end_of_stream_keeps_n_of_m() -> None:
+    # One hit where 2 of 3 are needed is no event, at the end as anywhere.
+    assert feed(make(confirm_n=2, confirm_m=3), [0.1, 0.1, 0.9]) == []
+    got = feed(make(confirm_n=2, confirm_m=3, min_duration=10 * STRIDE), [0.1, 0.9, 0.9])
+    assert [phase for phase, _, _ in got] == ["start", "end"]
+
+
+def test_swapping_rules_drops_a_candidate_short_of_min_duration() -> None:
+    logic = make(min_duration=5 * STRIDE)
+    feed(logic, [0.9, 0.9], flush=False)
+    assert logic.flush(WINDOW + 2 * STRIDE, decide_pending=False) == []
+    assert logic.suppressed == 1
+
+
+def test_times_stay_within_the_audio_once_its_end_is_known() -> None:
+    """Windows scored after the audio ended (the padded tail) place no time past the end."""
+    min_duration = 2 * STRIDE
+    logic = make(min_duration=min_duration)
+    audio_end = WINDOW + STRIDE // 2
+    logic.audio_end = audio_end
+    # The sound is only in the audio's last samples: padded windows still hold it.
+    got = feed(logic, [0.1, 0.1, 0.1, 0.1, 0.9, 0.9, 0.9, 0.1], flush=False)
+    got += [(t.phase, 8, t) for t in logic.flush(audio_end)]
+    assert [phase for phase, _, _ in got] == ["start", "end"]
+    start, end = got[0][2], got[1][2]
+    assert end.offset == audio_end and end.offset - start.onset >= min_duration
+    logic.reset()
+    assert logic.audio_end is None
+
+
 def test_min_duration_suppresses_short_events_and_counts_them() -> None:
     logic = make(min_duration=3 * STRIDE)
     assert feed(logic, [0.9, 0.9, 0.1, 0.1]) == []
@@ -90,6 +149,7 @@ def test_refractory_time_blocks_a_quick_repeat() -> None:
 def test_flush_closes_an_active_event() -> None:
     got = feed(make(), [0.1, 0.9, 0.9])
     assert [(phase, i) for phase, i, _ in got] == [("start", 1), ("end", 3)]
+    every_event_lasts_min_duration(got, 0)
 
 
 def test_reset_forgets_state() -> None:

@@ -1,0 +1,195 @@
+"""Stream edges: a sound at the very start or end of a stream is judged like any other.
+
+The chain treats a stream as if digital silence came before and after it: a raw clip
+must give exactly the scores of the same clip padded with silence, window for window,
+and every window that holds real audio is scored, however short the stream.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from test_processor import Recorder
+
+from monitor.config import load_config
+from monitor.detector import Detector
+from monitor.processor import NullSink, Processor
+
+RATE = 16000
+PAD = 2 * RATE  # 2 s: a whole number of hops and of strides (50 ms)
+
+
+def processor(model: Path, sink: object, *, in_rate: int = RATE,
+              stride_ms: float = 50.0) -> Processor:
+    config = load_config(None, overrides={"model.stride_ms": stride_ms})
+    return Processor(config, Detector(model), in_rate=in_rate, channels=1, max_block=4096,
+                     sink=sink)  # type: ignore[arg-type]
+
+
+def run(model: Path, audio: np.ndarray, *, block: int = 4096) -> tuple[Recorder, Processor]:
+    recorder = Recorder()
+    chain = processor(model, recorder)
+    for start in range(0, audio.shape[0], block):
+        chain.process(audio[start:start + block])
+    chain.finish()
+    return recorder, chain
+
+
+def real_clip(shared_data: Path) -> np.ndarray:
+    """A real 1 s glass-break recording, 16 kHz mono."""
+    path = sorted((shared_data / "glassbreak" / "glass_break").glob("*.flac"))[0]
+    audio, rate = sf.read(str(path), dtype="float32")
+    assert rate == RATE and audio.ndim == 1
+    return audio
+
+
+def holds_audio(end: int, length: int, chain: Processor, offset: int = 0) -> bool:
+    """Whether the window ending at sample `end` has a frame holding a sample of
+    [offset, offset + length)."""
+    timing = chain.timing
+    first_frame_start = end - timing.detector_window
+    last_frame_start = end - timing.window
+    return first_frame_start < offset + length and last_frame_start + timing.window > offset
+
+
+@pytest.mark.parametrize("seconds", [0.02, 0.3, 0.7, 1.0])
+def test_raw_clip_scores_exactly_as_the_clip_padded_with_silence(
+        shared_data: Path, tiny_model: Path, seconds: float) -> None:
+    clip = real_clip(shared_data)[:round(seconds * RATE)]
+    silence = np.zeros(PAD, np.float32)
+    raw, chain = run(tiny_model, clip, block=333)
+    padded, _ = run(tiny_model, np.concatenate([silence, clip, silence]))
+    assert raw.scores, "no window scored"
+    by_end = {end: scores for end, scores in padded.scores}
+    for end, scores in raw.scores:
+        np.testing.assert_array_equal(scores, by_end[end + PAD], err_msg=f"window ending {end}")
+    # Every padded window whose frames hold the clip's audio (beyond the first 240
+    # samples, which only the frames straddling its start hold) was scored raw too.
+    raw_ends = {end + PAD for end, _ in raw.scores}
+    timing = chain.timing
+    missing = [end for end, _ in padded.scores
+               if holds_audio(end, clip.shape[0] - (timing.window - timing.hop), chain,
+                              offset=PAD + timing.window - timing.hop)
+               and end not in raw_ends]
+    assert not missing
+    # ... and no window without any of it.
+    assert all(holds_audio(end - PAD, clip.shape[0], chain, offset=0) or end - PAD <= 0
+               for end in raw_ends)
+
+
+def test_a_stream_shorter_than_one_window_is_scored_and_decided(tiny_model: Path) -> None:
+    """A loud 0.2 s burst alone: scored, published as an event with start and end."""
+    rng = np.random.default_rng(0)
+    burst = (0.5 * rng.standard_normal(RATE // 5)).astype(np.float32)
+    recorder, chain = run(tiny_model, burst)
+    assert chain.timing.detector_window > burst.shape[0]
+    assert recorder.scores and max(s[0] for _, s in recorder.scores) > 0.5
+    phases = [(t.label, t.phase) for t in recorder.transitions]
+    assert phases == [("loud", "start"), ("loud", "end")]
+    end = recorder.transitions[-1]
+    assert end.offset is not None and 0 <= end.onset < end.offset <= burst.shape[0]
+
+
+def test_empty_stream_scores_nothing(tiny_model: Path) -> None:
+    recorder, chain = run(tiny_model, np.zeros(0, np.float32))
+    assert recorder.scores == [] and recorder.transitions == [] and chain.windows == 0
+
+
+def test_warm_up_restores_the_silent_start(shared_data: Path, tiny_model: Path) -> None:
+    clip = real_clip(shared_data)
+    fresh, _ = run(tiny_model, clip)
+    recorder = Recorder()
+    chain = processor(tiny_model, recorder)
+    chain.warm_up()
+    chain.process(clip)
+    chain.finish()
+    assert [e for e, _ in recorder.scores] == [e for e, _ in fresh.scores]
+    for (_, a), (_, b) in zip(recorder.scores, fresh.scores, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert recorder.transitions == fresh.transitions
+
+
+def test_padding_reaches_only_the_detector(tiny_model: Path) -> None:
+    """The end-of-stream padding is scored, but the audio clock, levels and meter see only
+    the real audio."""
+    chain = processor(tiny_model, NullSink())
+    audio = np.full(RATE // 2, 0.1, np.float32)
+    chain.process(audio)
+    levels = chain.meter.span.copy()
+    chain.finish()
+    assert chain.samples == audio.shape[0]
+    np.testing.assert_array_equal(chain.meter.span, levels)
+    assert chain.frames > audio.shape[0] // chain.timing.hop
+
+
+REPO = Path(__file__).resolve().parents[1]
+EVENTS = REPO / "models" / "events.onnx"
+need_events = pytest.mark.skipif(not EVENTS.is_file(),
+                                 reason="models/events.onnx absent: run `audio-monitor "
+                                        "fetch-models`")
+
+
+def _peak(audio: np.ndarray) -> int:
+    """Sample at the centre of the loudest 50 ms of `audio`."""
+    energy = np.convolve(audio.astype(np.float64) ** 2, np.ones(800), mode="same")
+    return int(np.argmax(energy))
+
+
+def _crops(shared_data: Path) -> list[tuple[str, np.ndarray]]:
+    """Real event recordings in real everyday background, cut 0.3 s to 3 s long with the
+    event's loudest moment at the start, the middle or the end of the cut."""
+    def first(folder: str, n: int, max_s: float = 99.0) -> list[np.ndarray]:
+        out = []
+        for path in sorted((shared_data / folder).glob("*.flac")):
+            audio, rate = sf.read(str(path), dtype="float32")
+            if rate == RATE and audio.ndim == 1 and audio.shape[0] <= max_s * RATE:
+                out.append(audio)
+            if len(out) == n:
+                break
+        return out
+
+    background = np.concatenate(first("glassbreak/background", 6))
+    events = (first("glassbreak/glass_break", 2) + first("cough", 2, max_s=1.2)
+              + first("safe/fall", 2))
+    crops = []
+    for k, clip in enumerate(events):
+        context = np.concatenate([background[:3 * RATE], clip, background[3 * RATE:]])
+        peak = 3 * RATE + _peak(clip)
+        for seconds in (0.3, 1.0, 3.0):
+            length = round(seconds * RATE)
+            lead = RATE // 20  # the peak 50 ms inside the cut at either edge
+            for where, start in (("start", peak - lead), ("middle", peak - length // 2),
+                                 ("end", peak - length + lead)):
+                crops.append((f"clip {k}, {seconds} s, event at the {where}",
+                              context[start:start + length]))
+    return crops
+
+
+@need_events
+def test_analyze_finds_the_same_in_a_raw_clip_as_in_the_clip_padded_with_silence(
+        shared_data: Path, tmp_path: Path) -> None:
+    """The shipped model through `analyze`: whatever it finds in a clip padded with 2 s of
+    silence either side, it finds in the clip alone, for any model (the chain scores the
+    same windows); the cuts are short and put the event right at an edge."""
+    from monitor.analyze import analyze
+
+    config = load_config(None, overrides={"model.path": str(EVENTS)})
+    detector = Detector(EVENTS)
+    silence = np.zeros(PAD, np.float32)
+    differ, found = [], 0
+    for name, crop in _crops(shared_data):
+        labels = []
+        for audio in (crop, np.concatenate([silence, crop, silence])):
+            path = tmp_path / "clip.wav"
+            sf.write(str(path), audio, RATE, subtype="FLOAT")
+            result = analyze(path, config=config, detector=detector)
+            assert result.error is None
+            labels.append(sorted({e.label for e in result.events}))
+        found += bool(labels[1])
+        if labels[0] != labels[1]:
+            differ.append((name, labels))
+    assert not differ
+    assert found >= 18, f"only {found} of 54 cuts raised an event: the test shows nothing"
