@@ -262,7 +262,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     import zmq
 
     from monitor.errors import MessageError
-    from monitor.messages import SCHEMA_VERSION, decode
+    from monitor.messages import decode, to_dict
 
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     socket = context.socket(zmq.SUB)
@@ -290,8 +290,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
                 print(f"audio-monitor: {message.sensor_id}: {message.seq - previous - 1} "
                       f"message(s) lost before seq {message.seq}", file=sys.stderr)
             last_seq[message.sensor_id] = message.seq
-            body = {"topic": message.topic, "v": SCHEMA_VERSION, "type": message.TYPE,
-                    **message.__dict__}
+            body = {"topic": message.topic, **to_dict(message)}
             print(json.dumps(body), flush=True)
             received += 1
     finally:

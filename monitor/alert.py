@@ -23,6 +23,7 @@ import concurrent.futures
 import datetime
 import json
 import logging
+import string
 import subprocess
 import threading
 import time
@@ -31,9 +32,12 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import zmq
+from msgspec import Meta
+from msgspec.structs import replace
 
 from monitor.catchup import CatchupClient
 from monitor.config import read_yaml_mapping
@@ -41,46 +45,119 @@ from monitor.errors import ConfigError, MessageError
 from monitor.keys import apply_client
 from monitor.messages import Event, Status, decode
 from monitor.outbox import Item, Outbox
+from monitor.schema import (
+    Endpoint,
+    Finite,
+    Name,
+    NonNegative,
+    Positive,
+    Refusals,
+    SensorId,
+    Strict,
+    convert,
+    describe,
+)
 
 logger = logging.getLogger(__name__)
 
-ACTION_TYPES = ("log", "webhook", "command", "publish")
 OFFLINE_LABEL = "sensor_offline"
 """Pseudo class of the synthetic event raised when a sensor falls silent."""
 
 
 # --- configuration ------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Action:
-    name: str
-    type: str
-    url: str | None = None
+PAYLOAD_FIELDS = ("rule", "kind", "sensor_id", "room", "event_id", "label", "phase", "seq",
+                  "peak_score", "onset_time", "offset_time", "event_ts", "attempt")
+"""Keys of the alert JSON (webhook body, command stdin); also `{name}` placeholders in argv."""
+
+HoursWindow = Annotated[str, Meta(pattern=r"^\s*\d{1,2}:\d{2}\s*-\s*\d{1,2}:\d{2}\s*$")]
+Url = Annotated[str, Meta(pattern=r"^https?://.+", max_length=2000)]
+
+
+class Action(Strict, frozen=True):
+    """One thing to do when a rule fires (alert.yaml: an entry of `actions`)."""
+
+    type: Literal["log", "webhook", "command", "publish"]
+    name: Name | None = None
+    """Unique within its rule; keys the exactly-once record. Null: TYPE + position."""
+    url: Url | None = None
     argv: tuple[str, ...] = ()
-    timeout_s: float = 5.0
-    expire_s: float = 86400.0
+    timeout_s: Positive = 5.0
+    expire_s: Positive = 86400.0
     """Give up (and record `expired`) this long after the event."""
-    backoff_s: float = 1.0
+    backoff_s: Positive = 1.0
     """First retry delay; doubles per attempt up to `max_backoff_s`."""
-    max_backoff_s: float = 300.0
-    headers: dict[str, str] = field(default_factory=dict)
+    max_backoff_s: Positive = 300.0
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.type == "webhook" and self.url is None:
+            raise ValueError("a webhook needs `url: http(s)://...`")
+        if self.type == "command":
+            if not self.argv or not self.argv[0]:
+                raise ValueError("a command needs `argv: [program, arg, ...]`")
+            for arg in self.argv:
+                try:
+                    names = [n for _, n, _, _ in string.Formatter().parse(arg) if n is not None]
+                except ValueError as err:
+                    raise ValueError(f"argv {arg!r}: {err} (write {{{{ for a brace)") from err
+                unknown = [n for n in names if n not in PAYLOAD_FIELDS]
+                if unknown:
+                    raise ValueError(f"argv {arg!r}: unknown placeholder {{{unknown[0]}}}; "
+                                     f"known: {', '.join(PAYLOAD_FIELDS)}")
 
 
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    classes: tuple[str, ...] = ()
+class Escalation(Strict, frozen=True):
+    """Actions run when an alert is not acknowledged in time."""
+
+    after_s: Positive
+    actions: Annotated[tuple[Action, ...], Meta(min_length=1)]
+
+
+def _minutes(window: str) -> tuple[int, int]:
+    lo, hi = (datetime.time.fromisoformat(part.strip().zfill(5)) for part in window.split("-"))
+    return lo.hour * 60 + lo.minute, hi.hour * 60 + hi.minute
+
+
+class Rule(Strict, frozen=True):
+    """When to act, and how (alert.yaml: an entry of `rules`)."""
+
+    name: Name
+    """Unique; keys the exactly-once record."""
+    actions: Annotated[tuple[Action, ...], Meta(min_length=1)]
+    classes: tuple[Name, ...] = ()
     """Class names (as in the model card) or topic slugs; empty: any class."""
-    min_score: float = 0.0
-    sensors: tuple[str, ...] = ()
-    room: str | None = None
-    phases: tuple[str, ...] = ("start",)
-    hours: tuple[tuple[int, int], ...] = ()
-    """Local-time windows as (start minute, end minute) of the day; may wrap midnight."""
-    cooldown_s: float = 0.0
-    actions: tuple[Action, ...] = ()
-    escalate_after_s: float | None = None
-    escalate: tuple[Action, ...] = ()
+    min_score: Finite = 0.0
+    sensors: tuple[SensorId, ...] = ()
+    room: Name | None = None
+    phases: Annotated[tuple[Literal["start", "end"], ...], Meta(min_length=1)] = ("start",)
+    hours: tuple[HoursWindow, ...] = ()
+    """Local-time windows "HH:MM-HH:MM" of the onset; may wrap midnight."""
+    cooldown_s: NonNegative = 0.0
+    escalate: Escalation | None = None
+
+    def __post_init__(self) -> None:
+        for window in self.hours:
+            try:
+                lo, hi = _minutes(window)
+            except ValueError as err:
+                raise ValueError(f"hours {window!r} is not a window like \"22:00-06:30\"") \
+                    from err
+            if lo == hi:
+                raise ValueError(f"hours {window!r} is empty and can never fire; leave `hours` "
+                                 "out for the whole day")
+        for actions in (self.actions, self.escalations):
+            names = [a.name for a in actions if a.name is not None]
+            if len(set(names)) != len(names):
+                raise ValueError("action names must be unique within a list of actions")
+
+    @property
+    def escalate_after_s(self) -> float | None:
+        return None if self.escalate is None else self.escalate.after_s
+
+    @property
+    def escalations(self) -> tuple[Action, ...]:
+        return () if self.escalate is None else self.escalate.actions
 
     def matches(self, event: Event, rooms: dict[str, tuple[str, ...]]) -> bool:
         if self.classes and event.label not in self.classes and \
@@ -96,8 +173,37 @@ class Rule:
             local = datetime.datetime.fromtimestamp(event.onset_time)
             minute = local.hour * 60 + local.minute
             return any(lo <= minute < hi if lo <= hi else minute >= lo or minute < hi
-                       for lo, hi in self.hours)
+                       for lo, hi in map(_minutes, self.hours))
         return True
+
+
+class CurveClient(Strict, frozen=True):
+    secret_key: Path
+    """This daemon's key pair (its .key must be allowed by the server)."""
+    server_key: Path
+    """The server's public key."""
+
+
+class SourceSpec(Strict, frozen=True):
+    endpoint: Endpoint
+    catchup: Endpoint | None = None
+    curve: CurveClient | None = None
+
+
+class AlertFile(Strict, frozen=True):
+    """alert.yaml as written (see the shipped file for each key)."""
+
+    subscribe: Annotated[tuple[SourceSpec, ...], Meta(min_length=1)]
+    rules: tuple[Rule, ...] = ()
+    state: Path = Path("~/.local/state/audio-monitor/alert.db")
+    rooms: dict[Name, tuple[SensorId, ...]] = msgspec.field(default_factory=dict)
+    ack_endpoint: Endpoint | None = None
+    publish_endpoint: Endpoint | None = None
+    heartbeat_timeout_s: Positive = 30.0
+    max_event_age_s: Positive = 86400.0
+    retention_days: Positive = 30.0
+    workers: Annotated[int, Meta(ge=1, le=256)] = 4
+    """Webhook/command actions running at once, at most."""
 
 
 @dataclass(frozen=True)
@@ -127,122 +233,33 @@ class AlertConfig:
     workers: int = 4
 
 
-def _get(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
-         default: Any = None) -> Any:
-    value = data.get(key, default)
-    if value is None or (isinstance(value, kind) and not isinstance(value, bool)) or \
-            (kind is bool and isinstance(value, bool)):
-        return value
-    names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-    raise ConfigError(f"{where}.{key}: {value!r} is not a {names}")
-
-
-def _known(data: Any, allowed: set[str], where: str) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key; allowed: "
-                          f"{', '.join(sorted(allowed))}")
-    return data
-
-
-def _hours(text: str, where: str) -> tuple[int, int]:
-    try:
-        lo, hi = (datetime.time.fromisoformat(part.strip()) for part in text.split("-"))
-    except ValueError as err:
-        raise ConfigError(f"{where}: {text!r} is not a window like \"22:00-06:30\"") from err
-    return lo.hour * 60 + lo.minute, hi.hour * 60 + hi.minute
-
-
-def _action(data: Any, where: str, index: int) -> Action:
-    data = _known(data, {"type", "name", "url", "argv", "timeout_s", "expire_s", "backoff_s",
-                         "max_backoff_s", "headers"}, where)
-    kind = data.get("type")
-    if kind not in ACTION_TYPES:
-        raise ConfigError(f"{where}.type: {kind!r} is not one of {', '.join(ACTION_TYPES)}")
-    url = _get(data, "url", str, where)
-    if kind == "webhook" and (url is None or not url.startswith(("http://", "https://"))):
-        raise ConfigError(f"{where}.url: {url!r} is not an http(s) URL")
-    argv = data.get("argv", [])
-    if kind == "command" and (not isinstance(argv, list) or not argv or
-                              not all(isinstance(a, str) for a in argv)):
-        raise ConfigError(f"{where}.argv: {argv!r} is not a non-empty list of strings")
-    numbers = {k: float(_get(data, k, (int, float), where, d)) for k, d in
-               (("timeout_s", 5.0), ("expire_s", 86400.0), ("backoff_s", 1.0),
-                ("max_backoff_s", 300.0))}
-    for key, value in numbers.items():
-        if value <= 0:
-            raise ConfigError(f"{where}.{key}: {value} must be above 0")
-    return Action(name=str(data.get("name") or f"{kind}{index}"), type=kind, url=url,
-                  argv=tuple(argv), headers=dict(data.get("headers") or {}), **numbers)
-
-
-def _rule(data: Any, where: str) -> Rule:
-    data = _known(data, {"name", "classes", "min_score", "sensors", "room", "phases", "hours",
-                         "cooldown_s", "actions", "escalate"}, where)
-    name = _get(data, "name", str, where)
-    if not name:
-        raise ConfigError(f"{where}.name: every rule needs a name")
-    phases = tuple(data.get("phases") or ("start",))
-    if not set(phases) <= {"start", "end"}:
-        raise ConfigError(f"{where}.phases: {list(phases)} must be start and/or end")
-    actions = data.get("actions") or []
-    if not isinstance(actions, list) or not actions:
-        raise ConfigError(f"{where}.actions: a rule needs a list of actions")
-    escalate = _known(data.get("escalate") or {}, {"after_s", "actions"}, f"{where}.escalate")
-    after = _get(escalate, "after_s", (int, float), f"{where}.escalate")
-    return Rule(
-        name=name, classes=tuple(str(c) for c in data.get("classes") or ()),
-        min_score=float(_get(data, "min_score", (int, float), where, 0.0)),
-        sensors=tuple(str(s) for s in data.get("sensors") or ()),
-        room=_get(data, "room", str, where), phases=phases,
-        hours=tuple(_hours(h, f"{where}.hours") for h in data.get("hours") or ()),
-        cooldown_s=float(_get(data, "cooldown_s", (int, float), where, 0.0)),
-        actions=tuple(_action(a, f"{where}.actions[{i}]", i) for i, a in enumerate(actions)),
-        escalate_after_s=None if after is None else float(after),
-        escalate=tuple(_action(a, f"{where}.escalate.actions[{i}]", i)
-                       for i, a in enumerate(escalate.get("actions") or [])))
+def _named(actions: tuple[Action, ...]) -> tuple[Action, ...]:
+    return tuple(a if a.name is not None else replace(a, name=f"{a.type}{i}")
+                 for i, a in enumerate(actions))
 
 
 def load_alert_config(path: Path) -> AlertConfig:
-    """Read and validate alert.yaml; relative paths are against its folder."""
+    """Read and validate alert.yaml; relative paths are against its folder.
+
+    Raises ConfigError (one line naming the key path)."""
     data = read_yaml_mapping(path, what="alert config")
-    data = _known(data, {"subscribe", "rules", "state", "rooms", "ack_endpoint",
-                         "publish_endpoint", "heartbeat_timeout_s", "max_event_age_s",
-                         "retention_days", "workers"}, "alert")
+    spec = convert(data, AlertFile, error=ConfigError)
     base = path.resolve().parent
-
-    def rel(p: str | None) -> Path | None:
-        return None if p is None else base / Path(p).expanduser()
-
-    sources = []
-    for i, s in enumerate(data.get("subscribe") or []):
-        s = _known(s, {"endpoint", "catchup", "curve"}, f"subscribe[{i}]")
-        curve = _known(s.get("curve") or {}, {"secret_key", "server_key"},
-                       f"subscribe[{i}].curve")
-        if not isinstance(s.get("endpoint"), str):
-            raise ConfigError(f"subscribe[{i}].endpoint: must be a ZeroMQ endpoint")
-        sources.append(Source(endpoint=s["endpoint"], catchup=s.get("catchup"),
-                              secret_key=rel(curve.get("secret_key")),
-                              server_key=rel(curve.get("server_key"))))
-    if not sources:
-        raise ConfigError("subscribe: list at least one endpoint (a sensor or a proxy)")
-    rules = tuple(_rule(r, f"rules[{i}]") for i, r in enumerate(data.get("rules") or []))
+    rules = tuple(replace(r, actions=_named(r.actions), escalate=None if r.escalate is None
+                          else replace(r.escalate, actions=_named(r.escalate.actions)))
+                  for r in spec.rules)
     if len({r.name for r in rules}) != len(rules):
-        raise ConfigError("rules: rule names must be unique (they key the exactly-once record)")
-    rooms = {str(k): tuple(str(s) for s in v) for k, v in (data.get("rooms") or {}).items()}
-    state = rel(_get(data, "state", str, "alert", "~/.local/state/audio-monitor/alert.db"))
-    assert state is not None
+        raise ConfigError("$.rules: rule names must be unique (they key the exactly-once "
+                          "record)")
     return AlertConfig(
-        sources=tuple(sources), rules=rules, state=state, rooms=rooms,
-        ack_endpoint=_get(data, "ack_endpoint", str, "alert"),
-        publish_endpoint=_get(data, "publish_endpoint", str, "alert"),
-        heartbeat_timeout_s=float(_get(data, "heartbeat_timeout_s", (int, float), "alert",
-                                       30.0)),
-        max_event_age_s=float(_get(data, "max_event_age_s", (int, float), "alert", 86400.0)),
-        retention_days=float(_get(data, "retention_days", (int, float), "alert", 30.0)),
-        workers=int(_get(data, "workers", int, "alert", 4)))
+        sources=tuple(Source(endpoint=s.endpoint, catchup=s.catchup,
+                             secret_key=None if s.curve is None else base / s.curve.secret_key,
+                             server_key=None if s.curve is None else base / s.curve.server_key)
+                      for s in spec.subscribe),
+        rules=rules, state=base / spec.state, rooms=dict(spec.rooms),
+        ack_endpoint=spec.ack_endpoint, publish_endpoint=spec.publish_endpoint,
+        heartbeat_timeout_s=spec.heartbeat_timeout_s, max_event_age_s=spec.max_event_age_s,
+        retention_days=spec.retention_days, workers=spec.workers)
 
 
 # --- actions --------------------------------------------------------------------------------
@@ -293,7 +310,7 @@ class Dispatcher:
         self.clock = clock
         self.actions = {f"{r.name}/{a.name}": a for r in config.rules for a in r.actions}
         self.actions.update({f"{r.name}/escalate/{a.name}": a
-                             for r in config.rules for a in r.escalate})
+                             for r in config.rules for a in r.escalations})
         self.wake = threading.Event()
         self.delivered = 0
         self.failed = 0
@@ -426,6 +443,8 @@ class AlertDaemon:
         self.counters = {"received": 0, "bad_messages": 0, "events": 0, "duplicates": 0,
                          "stale": 0, "catchup_requests": 0, "catchup_events": 0,
                          "catchup_failures": 0, "acks": 0}
+        self.refusals = Refusals(logger, "alert")
+        """`bad_messages` by reason: frames, too_large, not_json, schema, topic, refused."""
         self.dispatcher = Dispatcher(config, context=self.context, clock=clock)
         self.ack_endpoint = ""
 
@@ -493,7 +512,8 @@ class AlertDaemon:
             if ack is not None:
                 ack.close()
             outbox.close()
-            logger.info("alert daemon stopped: %s", self.counters)
+            logger.info("alert daemon stopped: %s; bad_messages by reason: %s", self.counters,
+                        dict(self.refusals.by_reason))
 
     def _on_frames(self, outbox: Outbox, clients: list[CatchupClient | None], index: int,
                    frames: list[bytes]) -> None:
@@ -501,9 +521,7 @@ class AlertDaemon:
         try:
             message = decode(frames)
         except MessageError as err:
-            self.counters["bad_messages"] += 1
-            logger.warning("dropped a bad message from %s: %s",
-                           self.config.sources[index].endpoint, err)
+            self._bad(err.reason, f"from {self.config.sources[index].endpoint}: {err}")
             return
         now = self.clock()
         state = self.sensors.get(message.sensor_id)
@@ -551,8 +569,7 @@ class AlertDaemon:
                 try:
                     message = decode(pair)
                 except MessageError as err:
-                    self.counters["bad_messages"] += 1
-                    logger.warning("dropped a bad catch-up message: %s", err)
+                    self._bad(err.reason, f"catch-up from {client.endpoint}: {err}")
                     continue
                 if isinstance(message, Event) and message.sensor_id == sensor_id:
                     self.counters["catchup_events"] += 1
@@ -563,7 +580,7 @@ class AlertDaemon:
                 state.last_seq = after
             elif outbox.cursor(sensor_id) is None:
                 outbox.set_cursor(sensor_id, source, after)
-            if not header.get("more") or not pairs:
+            if not header.more or not pairs:
                 state.catchup_at = 0.0
                 return
 
@@ -615,10 +632,11 @@ class AlertDaemon:
                            action=f"{rule.name}/escalate/{a.name}", sensor_id=event.sensor_id,
                            event_id=event.event_id, phase=event.phase,
                            payload={**payload, "kind": "escalation"}, next_at=at,
-                           expires_at=at + a.expire_s) for a in rule.escalate]
+                           expires_at=at + a.expire_s) for a in rule.escalations]
         return items
 
-    def _offline_event(self, sensor_id: str, state: SensorState, phase: str) -> Event:
+    def _offline_event(self, sensor_id: str, state: SensorState,
+                       phase: Literal["start", "end"]) -> Event:
         now = self.clock()
         return Event(sensor_id=sensor_id, seq=state.last_seq, ts=now,
                      event_id=f"offline-{sensor_id}-{int(state.last_seen)}", label=OFFLINE_LABEL,
@@ -635,22 +653,50 @@ class AlertDaemon:
             if state.catchup_at and now >= state.catchup_at:
                 self._catch_up(outbox, clients, sensor_id)
 
+    def _bad(self, reason: str, text: str) -> None:
+        self.counters["bad_messages"] += 1
+        self.refusals.count(reason, text)
+
     def _on_ack(self, outbox: Outbox, socket: zmq.Socket[Any]) -> None:
         frames = socket.recv_multipart()
         envelope, payload = frames[:-1], frames[-1]
         try:
-            body = json.loads(payload)
-            event_id, by = str(body["event_id"]), str(body.get("by", ""))
-        except (ValueError, KeyError, TypeError):
-            socket.send_multipart([*envelope, b'{"ok": false, "error": "expected '
-                                               b'{\\"event_id\\": ...}"}'])
+            request = parse_ack(payload)
+        except MessageError as err:
+            self._bad(f"ack_{err.reason}", str(err))
+            socket.send_multipart([*envelope, msgspec.json.encode(
+                {"ok": False, "error": f"{err}; expected {{\"event_id\": ..., \"by\": ...}}"})])
             return
-        cancelled = outbox.ack(event_id, at=self.clock(), by=by)
+        cancelled = outbox.ack(request.event_id, at=self.clock(), by=request.by)
         self.counters["acks"] += 1
-        logger.info("event %s acknowledged by %s; %d escalation(s) cancelled", event_id,
-                    by or "?", cancelled)
+        logger.info("event %s acknowledged by %s; %d escalation(s) cancelled", request.event_id,
+                    request.by or "?", cancelled)
         socket.send_multipart([*envelope, json.dumps({"ok": True,
                                                       "cancelled": cancelled}).encode()])
+
+
+class AckRequest(Strict, frozen=True):
+    """What `audio-monitor ack` sends: the event to acknowledge and who did."""
+
+    event_id: Name
+    by: Annotated[str, Meta(max_length=200)] = ""
+
+
+_ACK = msgspec.json.Decoder(AckRequest)
+MAX_ACK_BYTES = 4096
+
+
+def parse_ack(payload: bytes) -> AckRequest:
+    """An ack request's body -> AckRequest; MessageError (one line, key path) if malformed."""
+    if len(payload) > MAX_ACK_BYTES:
+        raise MessageError(f"ack request of {len(payload)} bytes is over the {MAX_ACK_BYTES}-"
+                           "byte limit", reason="too_large")
+    try:
+        return _ACK.decode(payload)
+    except msgspec.ValidationError as err:
+        raise MessageError(f"ack request: {describe(err)}") from err
+    except msgspec.DecodeError as err:
+        raise MessageError(f"ack request is not JSON: {err}", reason="not_json") from err
 
 
 def send_ack(endpoint: str, event_id: str, *, by: str, timeout_s: float = 5.0) -> dict[str, Any]:
@@ -660,7 +706,7 @@ def send_ack(endpoint: str, event_id: str, *, by: str, timeout_s: float = 5.0) -
     socket.setsockopt(zmq.LINGER, 0)
     try:
         socket.connect(endpoint)
-        socket.send(json.dumps({"event_id": event_id, "by": by}).encode())
+        socket.send(msgspec.json.encode(AckRequest(event_id=event_id, by=by)))
         if not socket.poll(int(timeout_s * 1000)):
             raise ConfigError(f"ack: no answer from {endpoint} within {timeout_s} s; is "
                               "`audio-monitor alert` running with ack_endpoint set?")

@@ -17,18 +17,20 @@ that thread.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import zmq
+from msgspec import Meta
 
 from monitor.config import check_endpoint
 from monitor.errors import ConfigError, MessageError
 from monitor.journal import JournalReader
 from monitor.keys import CurveServer, require_safe
+from monitor.schema import Count, SensorId, Strict, describe
 
 logger = logging.getLogger(__name__)
 
@@ -45,26 +47,54 @@ def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     return frames, []
 
 
+class Request(Strict, frozen=True):
+    """A catch-up request: events of `sensor_id` with seq above `after_seq`."""
+
+    sensor_id: SensorId
+    after_seq: Count
+    limit: Annotated[int, Meta(ge=1)] = MAX_LIMIT
+    """Events per reply at most (capped at MAX_LIMIT)."""
+
+
+_REQUEST = msgspec.json.Decoder(Request)
+MAX_REQUEST_BYTES = 4096
+
+
 def parse_request(payload: list[bytes]) -> tuple[str, int, int]:
-    """-> (sensor_id, after_seq, limit); MessageError if malformed."""
+    """-> (sensor_id, after_seq, limit); MessageError (one line, key path) if malformed."""
     if len(payload) != 1:
-        raise MessageError(f"catch-up request must be 1 frame, got {len(payload)}")
+        raise MessageError(f"catch-up request must be 1 frame, got {len(payload)}",
+                           reason="frames")
+    if len(payload[0]) > MAX_REQUEST_BYTES:
+        raise MessageError(f"catch-up request of {len(payload[0])} bytes is over the "
+                           f"{MAX_REQUEST_BYTES}-byte limit", reason="too_large")
     try:
-        body = json.loads(payload[0])
-        sensor_id, after_seq = body["sensor_id"], body["after_seq"]
-        limit = body.get("limit", MAX_LIMIT)
-    except (ValueError, TypeError, KeyError) as err:
-        raise MessageError(f"catch-up request is not JSON with sensor_id and after_seq: "
-                           f"{err}") from err
-    if not isinstance(sensor_id, str) or not isinstance(after_seq, int) or \
-            not isinstance(limit, int) or limit < 1:
-        raise MessageError("catch-up request: sensor_id must be a string, after_seq and "
-                           "limit integers (limit >= 1)")
-    return sensor_id, after_seq, min(limit, MAX_LIMIT)
+        request = _REQUEST.decode(payload[0])
+    except msgspec.ValidationError as err:
+        raise MessageError(f"catch-up request: {describe(err)}") from err
+    except msgspec.DecodeError as err:
+        raise MessageError(f"catch-up request is not JSON: {err}", reason="not_json") from err
+    return request.sensor_id, request.after_seq, min(request.limit, MAX_LIMIT)
+
+
+class ReplyHeader(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """First frame of a reply. Unknown keys are ignored (a newer server may add some)."""
+
+    ok: bool
+    sensor_id: SensorId | None = None
+    after_seq: Count | None = None
+    last_seq: Count | None = None
+    """The newest journaled event seq (null: none yet)."""
+    more: bool = False
+    """True: ask again after the last returned seq."""
+    error: Annotated[str, Meta(max_length=2000)] | None = None
+
+
+_HEADER = msgspec.json.Decoder(ReplyHeader)
 
 
 def error_reply(text: str) -> list[bytes]:
-    return [json.dumps({"ok": False, "error": text}).encode()]
+    return [msgspec.json.encode(ReplyHeader(ok=False, error=text[:2000]))]
 
 
 class CatchupServer:
@@ -141,9 +171,9 @@ class CatchupServer:
                                f"{list(self.sensor_ids)}")
         rows = reader.since(sensor_id, after_seq, limit=limit)
         self.served += len(rows)
-        header = {"ok": True, "sensor_id": sensor_id, "after_seq": after_seq,
-                  "last_seq": reader.last_seq(sensor_id), "more": len(rows) == limit}
-        frames = [json.dumps(header).encode()]
+        header = ReplyHeader(ok=True, sensor_id=sensor_id, after_seq=after_seq,
+                             last_seq=reader.last_seq(sensor_id), more=len(rows) == limit)
+        frames = [msgspec.json.encode(header)]
         for topic, body in rows:
             frames += [topic, body]
         return frames
@@ -171,19 +201,26 @@ class CatchupClient:
         return socket
 
     def fetch(self, sensor_id: str, after_seq: int, *,
-              limit: int = MAX_LIMIT) -> tuple[dict[str, Any], list[list[bytes]]] | None:
-        """One page: (header, [[topic, body], ...]); None on timeout (the server is away)."""
-        request = {"sensor_id": sensor_id, "after_seq": after_seq, "limit": limit}
-        self._socket.send(json.dumps(request).encode())
+              limit: int = MAX_LIMIT) -> tuple[ReplyHeader, list[list[bytes]]] | None:
+        """One page: (header, [[topic, body], ...]); None on timeout (the server is away).
+
+        MessageError if the reply is malformed or a refusal; each pair still needs
+        `monitor.messages.decode`."""
+        request = Request(sensor_id=sensor_id, after_seq=after_seq, limit=limit)
+        self._socket.send(msgspec.json.encode(request))
         if not self._socket.poll(self.timeout_ms):
             return None
         frames = self._socket.recv_multipart()
         try:
-            header = json.loads(frames[0])
-        except ValueError as err:
-            raise MessageError(f"catch-up reply from {self.endpoint} is not JSON") from err
-        if not header.get("ok"):
-            raise MessageError(f"catch-up from {self.endpoint} refused: {header.get('error')}")
+            header = _HEADER.decode(frames[0])
+        except msgspec.ValidationError as err:
+            raise MessageError(f"catch-up reply from {self.endpoint}: {describe(err)}") from err
+        except msgspec.DecodeError as err:
+            raise MessageError(f"catch-up reply from {self.endpoint} is not JSON",
+                               reason="not_json") from err
+        if not header.ok:
+            raise MessageError(f"catch-up from {self.endpoint} refused: {header.error}",
+                               reason="refused")
         pairs = [[frames[i], frames[i + 1]] for i in range(1, len(frames) - 1, 2)]
         return header, pairs
 

@@ -258,8 +258,9 @@ class Daemon:
         try:
             config = self.reloader()
             rules = resolve_rules(config, processor.detector, processor.timing)
-        except MonitorError as err:
-            logger.error("reload refused, keeping the running rules: %s", err)
+        except Exception as err:  # a reload must never end the daemon
+            text = str(err) if isinstance(err, MonitorError) else f"{type(err).__name__}: {err}"
+            logger.error("reload refused, keeping the running rules: %s", text)
             self.health.reloaded(self._describe())
             return False
         # The audio goes on: a candidate short of min_duration is dropped, not decided.

@@ -11,12 +11,12 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import zmq
+from msgspec.structs import replace
 from rich.console import Console
 
 from monitor.config import Config

@@ -12,15 +12,20 @@ No message carries raw audio.
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import numbers
 import re
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, ClassVar, Literal
+
+import msgspec
+from msgspec import Meta
 
 from monitor.errors import MessageError
+from monitor.schema import Count, Finite, NonNegative, SensorId, describe
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
+
+Text = Annotated[str, Meta(min_length=1, max_length=200)]
+Note = Annotated[str, Meta(max_length=2000)]
 
 
 def class_slug(name: str) -> str:
@@ -28,32 +33,40 @@ def class_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "unnamed"
 
 
-@dataclass(frozen=True)
-class Event:
+class _Wire(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
+            tag_field="type"):
+    """Fields every message carries; `type` is the tag that picks the message class."""
+
+    v: Literal[1] = SCHEMA_VERSION
+    """Schema version; a subscriber refuses any other."""
+    sensor_id: SensorId
+    seq: Count
+    """Per-sensor counter, +1 per message."""
+    ts: NonNegative
+    """Wall-clock send time, Unix seconds."""
+
+
+class Event(_Wire, frozen=True, tag="event"):
     """A detected sound event. Published twice: ``phase="start"`` once confirmed,
     ``phase="end"`` when it is over (then with offset, duration and final peak)."""
 
     TYPE: ClassVar[str] = "event"
-    sensor_id: str
-    seq: int
-    ts: float
-    event_id: str
+    event_id: Text
     """Unique per sensor and event; both phases share it."""
-    label: str
+    label: Text
     """Class name as in the model card."""
-    phase: str
-    """"start" or "end"."""
-    onset_s: float
+    phase: Literal["start", "end"]
+    onset_s: Finite
     """Audio time of the onset, seconds since the stream started."""
-    offset_s: float | None
+    offset_s: Finite | None
     """Audio time of the offset (end phase only)."""
-    onset_time: float
+    onset_time: Finite
     """Wall time of the onset, Unix seconds."""
-    offset_time: float | None
-    peak_score: float
-    """Highest score so far, 0..1."""
-    threshold: float
-    machine: str | None = None
+    offset_time: Finite | None
+    peak_score: Finite
+    """Highest score so far, 0..1 (machine faults: the anomaly score)."""
+    threshold: Finite
+    machine: Text | None = None
     """For `machine_fault` events: the machine's name; null for sound events."""
 
     @property
@@ -61,19 +74,15 @@ class Event:
         return f"event.{class_slug(self.label)}"
 
 
-@dataclass(frozen=True)
-class Anomaly:
+class Anomaly(_Wire, frozen=True, tag="anomaly"):
     """Health of one watched machine, a few times per second of audio."""
 
     TYPE: ClassVar[str] = "anomaly"
-    sensor_id: str
-    seq: int
-    ts: float
-    machine: str
-    t_audio_s: float
-    score: float
+    machine: Text
+    t_audio_s: Finite
+    score: Finite
     """Smoothed anomaly score; the alarm fires above `threshold` (same units)."""
-    threshold: float
+    threshold: Finite
     running: bool
     """False while the machine is judged off or idle (level gate): no alarm then."""
 
@@ -82,21 +91,17 @@ class Anomaly:
         return f"anomaly.{class_slug(self.machine)}"
 
 
-@dataclass(frozen=True)
-class Level:
+class Level(_Wire, frozen=True, tag="level"):
     """Input level and a coarse spectrum, ~10 per second of audio, for meters and dashboards."""
 
     TYPE: ClassVar[str] = "level"
-    sensor_id: str
-    seq: int
-    ts: float
-    t_audio_s: float
+    t_audio_s: Finite
     """Audio time at the end of the measured span."""
-    rms_dbfs: float
+    rms_dbfs: Finite
     """RMS level of the span, dB relative to full scale (floor -120)."""
-    peak_dbfs: float
+    peak_dbfs: Finite
     """Absolute peak of the span, dBFS."""
-    mel: list[float]
+    mel: Annotated[list[Finite], Meta(max_length=1024)]
     """Latest log-mel frame averaged down to `publish.level_mel_bands` bands (natural log)."""
 
     @property
@@ -104,17 +109,13 @@ class Level:
         return "level"
 
 
-@dataclass(frozen=True)
-class Scores:
+class Scores(_Wire, frozen=True, tag="scores"):
     """What the model hears: the top-k class scores of the latest window."""
 
     TYPE: ClassVar[str] = "scores"
-    sensor_id: str
-    seq: int
-    ts: float
-    t_audio_s: float
+    t_audio_s: Finite
     """Audio time at the end of the scored window."""
-    top: list[list[Any]]
+    top: Annotated[list[tuple[Text, Finite, Finite | None]], Meta(max_length=1000)]
     """[[class, score, threshold], ...] best first; threshold is the class's event
     threshold, or null for a class that raises no events."""
 
@@ -123,29 +124,25 @@ class Scores:
         return "scores"
 
 
-@dataclass(frozen=True)
-class Status:
+class Status(_Wire, frozen=True, tag="status"):
     """Heartbeat with pipeline health counters, every `publish.status_interval_s`."""
 
     TYPE: ClassVar[str] = "status"
-    sensor_id: str
-    seq: int
-    ts: float
-    state: str
+    state: Literal["running", "degraded", "stopped"]
     """"running", "degraded" (a problem is being retried) or "stopped"."""
-    source: str
+    source: Note
     """Source description, e.g. "file:a.wav (48000 Hz, 2 ch)"."""
-    uptime_s: float
-    t_audio_s: float
-    counters: dict[str, int]
+    uptime_s: Finite
+    t_audio_s: Finite
+    counters: Annotated[dict[Annotated[str, Meta(max_length=200)], Count], Meta(max_length=1000)]
     """Monotonic counters: samples, frames, windows, events, overrun_samples, input_overflow,
     nonfinite_samples, clipped_samples, publish_dropped, source_errors, reconnects, ..."""
-    inference_ms_p50: float
-    inference_ms_max: float
+    inference_ms_p50: Finite
+    inference_ms_max: Finite
     """Per-window inference time since the previous status message."""
-    dc_offset: float
+    dc_offset: Finite
     """Mean sample value over the last level span (a large value means a faulty input)."""
-    last_error: str | None
+    last_error: Note | None
 
     @property
     def topic(self) -> str:
@@ -153,43 +150,62 @@ class Status:
 
 
 Message = Event | Level | Scores | Status | Anomaly
-_TYPES: dict[str, type] = {cls.TYPE: cls for cls in (Event, Level, Scores, Status, Anomaly)}
+MESSAGE_TYPES = (Event, Level, Scores, Status, Anomaly)
+MAX_BODY_BYTES = 1 << 20
+"""A body longer than this is refused unread (the largest real message is a few kB)."""
+
+def _enc_hook(obj: object) -> object:
+    """NumPy scalars (np.float32, np.int64, ...) as Python numbers."""
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        return float(obj)
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+_ENCODER = msgspec.json.Encoder(enc_hook=_enc_hook)
+_DECODER = msgspec.json.Decoder(Message)
 
 
 def encode(message: Message) -> list[bytes]:
-    """Message -> ``[topic, json]`` frames."""
-    # vars(): the fields as they are (asdict deep-copies every list: 12 us a message).
-    body = {"v": SCHEMA_VERSION, "type": message.TYPE, **vars(message)}
-    return [message.topic.encode("ascii"),
-            json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")]
+    """Message -> ``[topic, json]`` frames; ValueError if it breaks the contract (e.g. NaN).
+
+    The body is checked with the subscribers' own decoder, so nothing is published that a
+    subscriber would refuse (msgspec would write NaN as null).
+    """
+    try:
+        body = _ENCODER.encode(message)
+    except (TypeError, NotImplementedError) as err:
+        raise ValueError(f"{message.TYPE} message cannot be encoded: {err}") from err
+    try:
+        _DECODER.decode(body)
+    except msgspec.ValidationError as err:
+        raise ValueError(f"{message.TYPE} message breaks the wire contract: "
+                         f"{describe(err)}") from err
+    return [message.topic.encode("ascii"), body]
 
 
 def decode(frames: list[bytes]) -> Message:
-    """``[topic, json]`` frames -> message; anything malformed raises MessageError (one line)."""
+    """``[topic, json]`` frames -> message; anything malformed raises MessageError (one line
+    naming the key path, e.g. ``$.peak_score: expected `float`, got `str```)."""
     if len(frames) != 2:
-        raise MessageError(f"expected 2 frames [topic, json], got {len(frames)}")
+        raise MessageError(f"expected 2 frames [topic, json], got {len(frames)}",
+                           reason="frames")
+    if len(frames[1]) > MAX_BODY_BYTES:
+        raise MessageError(f"message body of {len(frames[1])} bytes is over the "
+                           f"{MAX_BODY_BYTES}-byte limit", reason="too_large")
     try:
-        body = json.loads(frames[1])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MessageError(f"message body is not JSON: {err}") from err
-    if not isinstance(body, dict):
-        raise MessageError(f"message body must be a JSON object, got {type(body).__name__}")
-    version = body.pop("v", None)
-    if version != SCHEMA_VERSION:
-        raise MessageError(f"schema version {version!r} is not supported; expected "
-                           f"{SCHEMA_VERSION}")
-    kind = body.pop("type", None)
-    cls = _TYPES.get(kind)
-    if cls is None:
-        raise MessageError(f"unknown message type {kind!r}; expected one of {sorted(_TYPES)}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    required = {f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    if not required <= set(body) <= names:
-        missing, extra = sorted(required - set(body)), sorted(set(body) - names)
-        raise MessageError(f"{kind} message fields differ: missing {missing}, unexpected {extra}")
-    message: Message = cls(**body)
+        message: Message = _DECODER.decode(frames[1])
+    except msgspec.ValidationError as err:
+        raise MessageError(describe(err)) from err
+    except msgspec.DecodeError as err:
+        raise MessageError(f"message body is not JSON: {err}", reason="not_json") from err
     if frames[0] != message.topic.encode("ascii"):
-        raise MessageError(f"topic {frames[0]!r} does not match a {kind} message "
-                           f"({message.topic!r})")
+        raise MessageError(f"topic {frames[0]!r:.80} does not match a {message.TYPE} message "
+                           f"({message.topic!r})", reason="topic")
     return message
+
+
+def to_dict(message: Message) -> dict[str, object]:
+    """The message's fields as a dict (with ``v`` and ``type``), as on the wire."""
+    return {"type": message.TYPE, **msgspec.structs.asdict(message)}

@@ -25,16 +25,44 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 
 from monitor.catchup import error_reply, parse_request, split_envelope
 from monitor.config import read_yaml_mapping
 from monitor.errors import ConfigError, MessageError
 from monitor.keys import CurveServer, apply_client, require_safe
+from monitor.schema import Endpoint, Refusals, SensorId, Strict, convert
 
 logger = logging.getLogger(__name__)
 
 POLL_MS = 100
+
+
+class SensorSpec(Strict, frozen=True):
+    """fleet.yaml: one entry of `sensors`."""
+
+    publish: Endpoint
+    """The sensor's publish.endpoint."""
+    catchup: Endpoint | None = None
+    """The sensor's publish.catchup_endpoint; null: no catch-up through the proxy."""
+    public_key: Path | None = None
+    """The sensor's public key (with `curve`): the proxy is its CURVE client."""
+
+
+class ProxyCurve(Strict, frozen=True):
+    secret_key: Path
+    allowed_clients: Path | None = None
+
+
+class FleetFile(Strict, frozen=True):
+    """fleet.yaml as written (see the shipped file for each key)."""
+
+    publish: Endpoint
+    catchup: Endpoint | None = None
+    sensors: dict[SensorId, SensorSpec] = msgspec.field(default_factory=dict)
+    curve: ProxyCurve | None = None
+    allow_insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,29 +84,20 @@ class ProxyConfig:
 
 
 def load_proxy_config(path: Path) -> ProxyConfig:
-    """Read fleet.yaml; relative key paths are against its folder."""
-    data = read_yaml_mapping(path, what="proxy config")
-    allowed = {"publish", "catchup", "sensors", "curve", "allow_insecure"}
-    if not isinstance(data, dict) or set(data) - allowed:
-        raise ConfigError(f"proxy config {path}: allowed keys are {', '.join(sorted(allowed))}")
+    """Read fleet.yaml; relative key paths are against its folder. ConfigError (one line
+    naming the key path) if anything is off."""
+    spec = convert(read_yaml_mapping(path, what="proxy config"), FleetFile, error=ConfigError)
     base = path.resolve().parent
-    links = []
-    for sensor_id, link in (data.get("sensors") or {}).items():
-        if not isinstance(link, dict) or not isinstance(link.get("publish"), str):
-            raise ConfigError(f"sensors.{sensor_id}: needs `publish: ENDPOINT` (the sensor's "
-                              "publish.endpoint)")
-        key = link.get("public_key")
-        links.append(SensorLink(str(sensor_id), link["publish"], link.get("catchup"),
-                                None if key is None else base / key))
-    if not isinstance(data.get("publish"), str):
-        raise ConfigError("publish: the XPUB endpoint subscribers connect to must be set")
-    curve = data.get("curve") or {}
+    links = tuple(SensorLink(sensor_id, link.publish, link.catchup,
+                             None if link.public_key is None else base / link.public_key)
+                  for sensor_id, link in spec.sensors.items())
+    curve = spec.curve
     return ProxyConfig(
-        publish=data["publish"], catchup=data.get("catchup"), sensors=tuple(links),
-        secret_key=None if "secret_key" not in curve else base / curve["secret_key"],
-        allowed_clients=None if curve.get("allowed_clients") is None
-        else base / curve["allowed_clients"],
-        allow_insecure=bool(data.get("allow_insecure", False)))
+        publish=spec.publish, catchup=spec.catchup, sensors=links,
+        secret_key=None if curve is None else base / curve.secret_key,
+        allowed_clients=None if curve is None or curve.allowed_clients is None
+        else base / curve.allowed_clients,
+        allow_insecure=spec.allow_insecure)
 
 
 class Proxy:
@@ -97,6 +116,8 @@ class Proxy:
                              allow_insecure=config.allow_insecure, where="proxy")
         self.routed = 0
         self.refused = 0
+        self.refusals = Refusals(logger, "proxy catch-up")
+        """Requests it could not route, by reason (`bad_messages`)."""
         self.publish_endpoint = ""
         self.catchup_endpoint = ""
         self._stop = threading.Event()
@@ -201,6 +222,7 @@ class Proxy:
                         sensor_id = parse_request(payload)[0]
                     except MessageError as err:
                         self.refused += 1
+                        self.refusals.count(err.reason, str(err))
                         front.send_multipart(envelope + error_reply(str(err)))
                         continue
                     dealer = dealers.get(sensor_id)

@@ -216,5 +216,6 @@ def test_late_subscriber_catches_up_and_bad_config_is_one_line(tmp_path: Path) -
     result = subprocess.run([sys.executable, "-m", "monitor", "alert", "--config", str(bad)],
                             capture_output=True, text=True, env=ENV, timeout=60)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("audio-monitor: error: rules[0].actions[0].type: 'email' "
-                                     "is not one of log, webhook, command, publish")
+    assert result.stderr.strip() == ("audio-monitor: error: $.rules[0].actions[0].type: "
+                                     "'email': invalid enum value 'email'; choose one of "
+                                     "command, log, publish, webhook")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 import zmq
@@ -232,7 +233,7 @@ def test_ack_cancels_escalation_and_unacked_escalates(tmp_path: Path) -> None:
     try:
         assert ready.wait(10) and pub.poll(5000)
         for seq, event_id in ((1, "e1"), (2, "e2")):
-            event = Event(**{**_event(seq=seq).__dict__, "event_id": event_id})
+            event = msgspec.structs.replace(_event(seq=seq), event_id=event_id)
             pub.send_multipart(encode(event))
         deadline = time.monotonic() + 10
         while daemon.counters["events"] < 2 and time.monotonic() < deadline:
