@@ -70,8 +70,12 @@ PAYLOAD_FIELDS = ("rule", "kind", "sensor_id", "room", "event_id", "label", "pha
                   "peak_score", "onset_time", "offset_time", "event_ts", "attempt")
 """Keys of the alert JSON (webhook body, command stdin); also `{name}` placeholders in argv."""
 
-HoursWindow = Annotated[str, Meta(pattern=r"^\s*\d{1,2}:\d{2}\s*-\s*\d{1,2}:\d{2}\s*$")]
-Url = Annotated[str, Meta(pattern=r"^https?://.+", max_length=2000)]
+HOURS_PATTERN = r"^\s*\d{1,2}:\d{2}\s*-\s*\d{1,2}:\d{2}\s*$"
+URL_PATTERN = r"^https?://.+"
+HoursWindow = Annotated[str, Meta(pattern=HOURS_PATTERN)]
+Url = Annotated[str, Meta(pattern=URL_PATTERN, max_length=2000)]
+PATTERN_HINTS.update({HOURS_PATTERN: 'a window like "22:00-06:30" (local time)',
+                      URL_PATTERN: "an http:// or https:// URL"})
 
 
 class Action(Strict, frozen=True):

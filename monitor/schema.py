@@ -39,8 +39,16 @@ Positive = Annotated[float, Meta(gt=0.0, le=sys.float_info.max)]
 Count = Annotated[int, Meta(ge=0)]
 SensorId = Annotated[str, Meta(pattern=SENSOR_ID_PATTERN)]
 Name = Annotated[str, Meta(min_length=1, max_length=200)]
-Endpoint = Annotated[str, Meta(pattern=r"^(tcp|ipc|inproc)://.+", max_length=1000)]
+ENDPOINT_PATTERN = r"^(tcp|ipc|inproc)://.+"
+Endpoint = Annotated[str, Meta(pattern=ENDPOINT_PATTERN, max_length=1000)]
 """A ZeroMQ endpoint this project binds or connects: tcp://HOST:PORT, ipc:///path, inproc://."""
+
+
+PATTERN_HINTS = {
+    SENSOR_ID_PATTERN: "letters, digits and _.- (up to 64, starting with a letter or digit)",
+    ENDPOINT_PATTERN: "a ZeroMQ endpoint: tcp://HOST:PORT or ipc:///path",
+}
+"""What each pattern means, said instead of the regex; modules add their own."""
 
 
 class Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -75,6 +83,10 @@ def describe(err: msgspec.MsgspecError, data: Any = None, tp: Any = None) -> str
         return f"{path}.{unknown.group(1)}: unknown key" + (
             f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
     message = message[:1].lower() + message[1:]
+    pattern = re.search(r"`str` matching regex '(.*)'$", message)
+    if pattern:  # msgspec shows the regex as a repr: doubled backslashes
+        hint = PATTERN_HINTS.get(pattern.group(1).replace("\\\\", "\\"))
+        message = message if hint is None else f"expected {hint}"
     if message.startswith("invalid enum value") and tp is not None:
         node = _node_at(tp, path)
         if isinstance(node, msgspec.inspect.LiteralType):

@@ -239,7 +239,7 @@ def test_sigterm_stops_gracefully(recording: Path, config_file: Path, tmp_path: 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--source", "tape:x"], "source 'tape:x' is not one of"),
     (["--source", "file:/nonexistent.wav"], "/nonexistent.wav"),
-    (["--publish", "udp://x"], "publish.endpoint: 'udp://x' is not a ZeroMQ endpoint"),
+    (["--publish", "udp://x"], "$.publish.endpoint: 'udp://x': expected a ZeroMQ endpoint"),
     (["--source", "mic:no-such-device-xyz"], "no-such-device-xyz"),
 ])
 def test_user_errors_are_one_line_exit_2(config_file: Path, args: list[str],
