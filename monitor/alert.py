@@ -46,6 +46,7 @@ from monitor.keys import apply_client
 from monitor.messages import Event, Status, decode
 from monitor.outbox import Item, Outbox
 from monitor.schema import (
+    PATTERN_HINTS,
     Endpoint,
     Finite,
     Name,
