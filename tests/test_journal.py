@@ -87,11 +87,11 @@ def test_catchup_server_pages_events_and_refuses_bad_requests(tmp_path: Path) ->
             header, pairs = page
             got += [decode(p) for p in pairs]
             pages += 1
-            if not header["more"]:
+            if not header.more:
                 break
             after = got[-1].seq
         assert got == events[5:] and pages == 3  # 10, 10, then an empty last page
-        assert header["last_seq"] == events[-1].seq
+        assert header.last_seq == events[-1].seq
         raw.send(b"not json")
         assert json.loads(raw.recv_multipart()[0])["ok"] is False
         raw.send(json.dumps({"sensor_id": "other", "after_seq": 0}).encode())
