@@ -187,6 +187,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from monitor.daemon import Daemon, build_source
     from monitor.detector import Detector
     from monitor.jit import aot_status
+    from monitor.outputs import Output
     from monitor.publisher import PublishingStack
 
     overrides: dict[str, Any] = {}
@@ -203,23 +204,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     source = build_source(config)
     stack = PublishingStack(config)  # journal, CURVE, PUB socket, catch-up server
     publisher = stack.publisher
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    daemon = Daemon(config, source=source, detector=detector, publisher=publisher)
-    daemon.reloader = lambda: _load(args, overrides)
-    signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
-    if os.environ.get(FAULTS_ENV) == "1":  # tests only: SIGUSR2 freezes/thaws processing
-        signal.signal(signal.SIGUSR2, lambda *_: _toggle(daemon.frozen))
+    outputs: list[Output] = []  # beside ZeroMQ, which numbers and journals every message
     metrics = None
     if args.metrics:
         from monitor.metrics import MetricsServer, parse_address
 
-        metrics = MetricsServer(counters=daemon.counters, state=lambda: daemon.health.state,
-                                gauges=daemon.gauges)
-        daemon.processor.sink = metrics.wrap(daemon.processor.sink,
-                                             last_inference_ms=daemon.last_inference_ms)
-        metrics.start(*parse_address(args.metrics))
+        metrics_address = parse_address(args.metrics)
+        metrics = MetricsServer()
+        outputs.append(metrics.output())
+    if config.mqtt.enabled:
+        from monitor.mqtt import MqttOutput
+
+        outputs.append(MqttOutput(config.mqtt, sensor_id=config.sensor_id,
+                                  state_dir=config.state_dir, journal_path=stack.journal.path))
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    daemon = Daemon(config, source=source, detector=detector, publisher=publisher,
+                    outputs=outputs)
+    daemon.reloader = lambda: _load(args, overrides)
+    signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
+    if os.environ.get(FAULTS_ENV) == "1":  # tests only: SIGUSR2 freezes/thaws processing
+        signal.signal(signal.SIGUSR2, lambda *_: _toggle(daemon.frozen))
+    if metrics is not None:
+        metrics.collect_from(counters=daemon.counters, state=lambda: daemon.health.state,
+                             gauges=daemon.gauges)
+        metrics.start(*metrics_address)
     logger.info("publishing on %s as %s; model %s; source %s", publisher.bound_endpoint,
                 config.sensor_id, detector.card.name, source.description)
     logger.info("%s", aot_status())
@@ -228,6 +238,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         daemon.run(stop)
     finally:
+        daemon.sink.close()  # after the final `stopped` status
         stack.close()
         if metrics is not None:
             metrics.close()

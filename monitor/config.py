@@ -17,7 +17,7 @@ from msgspec import Meta, field
 from msgspec.structs import replace
 
 from monitor.errors import ConfigError
-from monitor.schema import Endpoint, SensorId, Strict, convert
+from monitor.schema import PATTERN_HINTS, Endpoint, SensorId, Strict, convert
 
 
 def _range(lo: float, hi: float) -> Meta:
@@ -136,6 +136,71 @@ class PublishConfig(Strict, frozen=True):
     """Allow binding a non-loopback endpoint without CURVE."""
 
 
+class MqttTlsConfig(Strict, frozen=True):
+    """TLS to the broker; every file null: the system's CA certificates, no client cert."""
+
+    ca_file: Path | None = None
+    """CA certificate(s) that signed the broker's certificate (PEM)."""
+    cert_file: Path | None = None
+    """Client certificate (PEM), for brokers that authenticate clients by certificate."""
+    key_file: Path | None = None
+    """The client certificate's private key (PEM)."""
+
+
+TOPIC_PREFIX_PATTERN = r"^[^#+\x00]*[^#+/\x00][^#+\x00]*$"
+PATTERN_HINTS[TOPIC_PREFIX_PATTERN] = "an MQTT topic prefix: not empty, without # or +"
+TopicPrefix = Annotated[str, Meta(pattern=TOPIC_PREFIX_PATTERN, max_length=200)]
+
+
+class MqttConfig(Strict, frozen=True):
+    """The MQTT output (Home Assistant, Node-RED, plant systems); off unless `enabled`."""
+
+    enabled: bool = False
+    host: Annotated[str, Meta(min_length=1, max_length=253)] = "127.0.0.1"
+    """Broker host name or address."""
+    port: Annotated[int, _range(1, 65535)] = 1883
+    client_id: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+    """MQTT client id; null: audio-monitor-<sensor_id>."""
+    topic_prefix: TopicPrefix = "audio-monitor"
+    """Topics are <topic_prefix>/<sensor_id>/..."""
+    keepalive_s: Annotated[int, _range(5, 3600)] = 30
+    username_file: Path | None = None
+    """File holding the user name (relative paths: against the config file's folder)."""
+    password_file: Path | None = None
+    """File holding the password."""
+    tls: MqttTlsConfig | None = None
+    """TLS settings; null: plain TCP (keep it on a trusted network)."""
+    level_hz: Annotated[float, _range(0, 10)] = 1.0
+    """`level` and `anomaly` messages per second of audio (0: none)."""
+    scores_hz: Annotated[float, _range(0, 10)] = 0.0
+    """`scores` messages per second of audio (0: none)."""
+    discovery: bool = True
+    """Announce entities for Home Assistant MQTT discovery (retained config topics)."""
+    discovery_prefix: TopicPrefix = "homeassistant"
+    reconnect_min_s: Annotated[int, _range(1, 3600)] = 1
+    """First reconnect delay; doubles per failed attempt up to `reconnect_max_s`."""
+    reconnect_max_s: Annotated[int, _range(1, 3600)] = 60
+    queue_max: Annotated[int, _range(10, 10000000)] = 10000
+    """Event messages held in memory while the broker is away (beyond it: from the journal
+    at the next start)."""
+
+    def __post_init__(self) -> None:
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(f"reconnect_min_s {self.reconnect_min_s} is above "
+                             f"reconnect_max_s {self.reconnect_max_s}")
+
+    def resolved(self, base: Path) -> MqttConfig:
+        """The same settings with relative file paths resolved against `base`."""
+        def at(path: Path | None) -> Path | None:
+            return None if path is None else base / path.expanduser()
+
+        tls = self.tls if self.tls is None else MqttTlsConfig(
+            ca_file=at(self.tls.ca_file), cert_file=at(self.tls.cert_file),
+            key_file=at(self.tls.key_file))
+        return replace(self, username_file=at(self.username_file),
+                       password_file=at(self.password_file), tls=tls)
+
+
 class MachineConfig(Strict, frozen=True):
     """Anomaly watch of one machine, scored against its learned baseline."""
 
@@ -167,6 +232,7 @@ class Config(Strict, frozen=True):
     events: EventsConfig = field(default_factory=EventsConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
     state_dir: Path = Path("~/.local/state/audio-monitor")
     """Where learned machine baselines (and later the event journal) live."""
     machines: dict[SensorId, MachineConfig] = field(default_factory=dict)
@@ -242,7 +308,8 @@ def load_config(path: Path | None, *, overrides: dict[str, Any] | None = None) -
             allowed_clients=None if curve.allowed_clients is None
             else base / curve.allowed_clients.expanduser())
         config = replace(config, publish=replace(config.publish, curve=curve))
-    return replace(config, model=replace(config.model, path=model_path), state_dir=state_dir)
+    return replace(config, model=replace(config.model, path=model_path), state_dir=state_dir,
+                   mqtt=config.mqtt.resolved(base))
 
 
 def _fill_event_defaults(config: Config) -> Config:

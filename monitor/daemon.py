@@ -10,18 +10,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from monitor.anomaly import MachineReading
 from monitor.config import Config
 from monitor.detector import Detector
 from monitor.errors import MonitorError
-from monitor.events import Transition
-from monitor.levels import LevelMeter
-from monitor.messages import Anomaly, Event, Level, Scores, Status
+from monitor.outputs import Catalog, Composer, Output, ZmqOutput
 from monitor.processor import Processor, resolve_rules
 from monitor.publisher import Publisher
 from monitor.sdnotify import Notifier
@@ -35,7 +32,6 @@ IDLE_WAIT_S = 0.005  # while frozen (test hook)
 POLL_INTERVAL_S = 0.1
 DEFAULT_STDIN_RATE = 16000
 STALL_S = 5.0  # a stage without progress this long stops the watchdog pings
-RESYNC_S = 0.05  # re-tie audio time to wall time when they drift apart by more than this
 DRAIN_S = 2.0  # on stop: at most this long processing audio already captured
 
 
@@ -58,108 +54,28 @@ def build_source(config: Config) -> Source:
                      ring_seconds=audio.ring_seconds, block_ms=audio.block_ms)
 
 
-class PublishingSink:
-    """Turns processor results into wire messages, converting audio time to wall time."""
-
-    def __init__(self, publisher: Publisher, *, sample_rate: int, top_k: int,
-                 classes: tuple[str, ...], mel_bands: int, n_mels: int) -> None:
-        self.publisher = publisher
-        self.thresholds: dict[str, float] = {}
-        """Event threshold per watched class, sent beside its score (set by the daemon)."""
-        self.sample_rate = sample_rate
-        self.top_k = top_k
-        self.classes = classes
-        self.run_id = f"{int(time.time() * 1000):x}"
-        self.wall_anchor: float | None = None
-        """Wall time of audio sample 0; set when the first audio arrives."""
-        self.events_started = 0
-        self.clock_resyncs = 0
-        edges = np.linspace(0, n_mels, min(mel_bands, n_mels) + 1).astype(int)
-        self._mel_edges = edges[:-1]
-        self._mel_widths = np.diff(edges)
-        self._t_audio = 0.0
-
-    def anchor(self, samples: int, *, now: float, caught_up: bool) -> None:
-        """Tie audio time to wall time: `samples` have been processed and the newest of them
-        arrived about `now`.
-
-        Set once at the first audio; afterwards, whenever the reader has caught up with a
-        live source, re-tied if it has drifted by more than RESYNC_S. Audio time alone
-        would drift: a sound card's clock runs off the system clock (100 ppm is 8.6 s a
-        day), and samples dropped in an overrun are a gap audio time does not see.
-        """
-        candidate = now - samples / self.sample_rate
-        if self.wall_anchor is None:
-            self.wall_anchor = candidate
-        elif caught_up and abs(candidate - self.wall_anchor) > RESYNC_S:
-            self.wall_anchor = candidate
-            self.clock_resyncs += 1
-
-    def wall(self, sample: int) -> float:
-        return (self.wall_anchor or 0.0) + sample / self.sample_rate
-
-    def on_transition(self, transition: Transition) -> None:
-        onset_s = transition.onset / self.sample_rate
-        offset_s = None if transition.offset is None else transition.offset / self.sample_rate
-        if transition.phase == "start":
-            self.events_started += 1
-        subject = transition.label if transition.machine is None else \
-            f"{transition.label}-{transition.machine}"
-        self.publisher.publish(
-            Event, event_id=f"{self.run_id}-{subject}-{transition.event_number}",
-            label=transition.label, phase=transition.phase, onset_s=round(onset_s, 4),
-            offset_s=None if offset_s is None else round(offset_s, 4),
-            onset_time=self.wall(transition.onset),
-            offset_time=None if transition.offset is None else self.wall(transition.offset),
-            peak_score=round(transition.peak_score, 4), threshold=transition.threshold,
-            machine=transition.machine)
-        logger.info("event %s %s at %.2f s (score %.2f)", transition.label, transition.phase,
-                    offset_s if offset_s is not None else onset_s, transition.peak_score)
-
-    def on_scores(self, end: int, scores: np.ndarray) -> None:
-        if self.top_k == 0:
-            return
-        best = np.argpartition(scores, -self.top_k)[-self.top_k:] \
-            if scores.shape[0] > self.top_k else np.arange(scores.shape[0])
-        best = best[np.argsort(scores[best])[::-1]]
-        self.publisher.publish(Scores, t_audio_s=round(end / self.sample_rate, 4),
-                               top=[[self.classes[i], round(float(scores[i]), 4),
-                                     self.thresholds.get(self.classes[i])] for i in best])
-
-    def on_machine(self, reading: MachineReading) -> None:
-        self.publisher.publish(Anomaly, machine=reading.machine,
-                               t_audio_s=round(reading.end / self.sample_rate, 4),
-                               score=round(reading.score, 4),
-                               threshold=round(reading.threshold, 4), running=reading.running)
-
-    def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None:
-        mel = np.add.reduceat(mel_frame, self._mel_edges) / self._mel_widths
-        self._t_audio = end / self.sample_rate
-        self.publisher.publish(Level, t_audio_s=round(self._t_audio, 4),
-                               rms_dbfs=round(meter.rms_dbfs, 2),
-                               peak_dbfs=round(meter.peak_dbfs, 2),
-                               mel=[round(v, 2) for v in mel.tolist()])
-
-
 class Daemon:
-    """Runs one source through the processor and publishes what it finds."""
+    """Runs one source through the processor and hands what it finds to the outputs: the
+    ZeroMQ `publisher` (it numbers every message and journals events) first, then
+    `outputs` (MQTT, metrics, ...) in order."""
 
     def __init__(self, config: Config, *, source: Source, detector: Detector,
-                 publisher: Publisher) -> None:
+                 publisher: Publisher, outputs: Sequence[Output] = ()) -> None:
         self.config = config
         self.source = source
         self.publisher = publisher
         card = detector.card
-        self.sink = PublishingSink(publisher, sample_rate=card.frontend.sample_rate,
-                                   top_k=min(config.model.top_k, len(card.classes)),
-                                   classes=card.classes,
-                                   mel_bands=config.publish.level_mel_bands,
-                                   n_mels=card.frontend.n_mels)
+        self.sink = Composer([ZmqOutput(publisher), *outputs], header=publisher.next_header,
+                             sample_rate=card.frontend.sample_rate,
+                             top_k=min(config.model.top_k, len(card.classes)),
+                             classes=card.classes, mel_bands=config.publish.level_mel_bands,
+                             n_mels=card.frontend.n_mels)
         self.processor = Processor(config, detector, in_rate=source.sample_rate,
                                    channels=source.channels, max_block=READ_BLOCK_FRAMES,
                                    sink=self.sink)
         self.sink.thresholds = {name: rule.threshold
                                 for name, rule in self.processor.rules.items()}
+        self._announce()
         self._raw = np.zeros(READ_BLOCK_FRAMES * source.channels, dtype=np.float32)
         self.processor.warm_up()
         self._started = time.monotonic()
@@ -213,7 +129,7 @@ class Daemon:
                         self.reload()
                     self.health.tick(now, self._progress(), self._describe)
                 if now >= next_status:
-                    self.publisher.drain_subscriptions()
+                    self.sink.poll(now)
                     self.publish_status(self._state())
                     next_status = now + status_every
                 if self.frozen.is_set():
@@ -268,6 +184,7 @@ class Daemon:
             processor.sink.on_transition(transition)
         processor.set_rules(rules)
         self.sink.thresholds = {name: rule.threshold for name, rule in rules.items()}
+        self._announce()
         restart = [key for key in ("source", "sensor_id", "audio", "model", "publish")
                    if getattr(config, key) != getattr(self.config, key)]
         if restart:
@@ -277,6 +194,11 @@ class Daemon:
         logger.info("reloaded: %d event rules", len(rules))
         self.health.reloaded(self._describe())
         return True
+
+    def _announce(self) -> None:
+        self.sink.announce(Catalog(model=self.processor.detector.card.name,
+                                   classes=tuple(self.processor.rules),
+                                   machines=tuple(s.machine for s in self.processor.machines)))
 
     def _progress(self) -> Progress:
         source, ring, publisher = self.source, self.source.ring, self.publisher
@@ -294,10 +216,6 @@ class Daemon:
         if self.source.last_error:
             line += f"; last error: {self.source.last_error}"
         return line
-
-    def last_inference_ms(self) -> float:
-        """Latency of the latest scored window (for the metrics histogram)."""
-        return self.processor.last_inference_ms()
 
     def gauges(self) -> dict[str, float]:
         """Values beside `counters()` for metrics; `*_seconds_total` ones only grow."""
@@ -317,12 +235,12 @@ class Daemon:
 
     def counters(self) -> dict[str, int]:
         source, processor, meter = self.source, self.processor, self.processor.meter
-        journal = self.publisher.journal
+        outputs = self.sink.stats()
         return {
             "samples": processor.samples,
             "frames": processor.frames,
             "windows": processor.windows,
-            "events": self.sink.events_started,
+            "events": outputs.pop("events"),
             "events_suppressed": processor.events.suppressed,
             "overrun_samples": source.ring.overrun_samples,
             "overrun_events": source.ring.overrun_events,
@@ -333,17 +251,18 @@ class Daemon:
             "reconnects": source.counters.reconnects,
             "nonfinite_samples": meter.nonfinite_total,
             "clipped_samples": meter.clipped_total,
-            "publish_sent": self.publisher.sent,
-            "publish_dropped": self.publisher.dropped,
-            "clock_resyncs": self.sink.clock_resyncs,
-            "journal_written": journal.written if journal is not None else 0,
-            "journal_errors": journal.errors if journal is not None else 0,
+            "publish_sent": outputs.pop("publish_sent"),
+            "publish_dropped": outputs.pop("publish_dropped"),
+            "clock_resyncs": outputs.pop("clock_resyncs"),
+            "journal_written": outputs.pop("journal_written"),
+            "journal_errors": outputs.pop("journal_errors"),
+            **outputs,
         }
 
     def publish_status(self, state: str) -> None:
         p50, worst = self.processor.inference_stats()
-        self.publisher.publish(
-            Status, state=state, source=self.source.description,
+        self.sink.status(
+            state=state, source=self.source.description,
             uptime_s=round(time.monotonic() - self._started, 3),
             t_audio_s=round(self.processor.samples / self.processor.timing.sample_rate, 4),
             counters=self.counters(), inference_ms_p50=round(p50, 3),

@@ -4,8 +4,8 @@ Nothing is counted twice: the daemon's own counters (the ones in `status` messag
 are read when Prometheus scrapes, by a collector running in the HTTP server's thread.
 Reading ints another thread writes is safe in CPython; a scrape may see counters a
 few microseconds apart, which Prometheus tolerates. Only what the counters lack is
-recorded as it happens, in `MetricsSink` (events by class, inference latency), at
-most ten calls a second.
+recorded as it happens, by `MetricsOutput` (events by class, inference latency per
+scored window), an output of the daemon like any other.
 """
 
 from __future__ import annotations
@@ -15,20 +15,17 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from monitor.anomaly import MachineReading
 from monitor.errors import ConfigError
-from monitor.events import Transition
-from monitor.levels import LevelMeter
-from monitor.processor import Sink
+from monitor.messages import Event, Message
+from monitor.outputs import Output
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MetricsServer", "MetricsSink", "parse_address"]
+__all__ = ["MetricsOutput", "MetricsServer", "parse_address"]
 
 PREFIX = "audio_monitor"
 INFERENCE_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
@@ -52,7 +49,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "publish_sent": ("published", "Messages handed to ZeroMQ"),
     "publish_dropped": ("publish_dropped", "Messages ZeroMQ refused (not sent)"),
 }
-SKIPPED = {"events"}  # exported per class by MetricsSink instead
+SKIPPED = {"events"}  # exported per class by MetricsOutput instead
 STATES = ("running", "degraded", "stalled")
 _ADDRESS = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})$")
 
@@ -97,40 +94,28 @@ class _DaemonCollector(Collector):
         yield family
 
 
-class MetricsSink:
-    """Passes processor results on to `inner`, counting events by class and observing the
-    latest inference latency (read through `last_inference_ms`) per scored window."""
+class MetricsOutput(Output):
+    """Counts events by class and observes the inference latency of every scored window."""
 
-    def __init__(self, inner: Sink, *, events: Counter, inference: Histogram,
-                 last_inference_ms: Callable[[], float]) -> None:
-        self.inner = inner
+    name = "metrics"
+
+    def __init__(self, *, events: Counter, inference: Histogram) -> None:
         self._events = events
         self._inference = inference
-        self._last_inference_ms = last_inference_ms
 
-    def on_transition(self, transition: Transition) -> None:
-        if transition.phase == "start":
-            self._events.labels(transition.label).inc()
-        self.inner.on_transition(transition)
+    def send(self, message: Message) -> None:
+        if isinstance(message, Event) and message.phase == "start":
+            self._events.labels(message.label).inc()
 
-    def on_scores(self, end: int, scores: np.ndarray) -> None:
-        self._inference.observe(self._last_inference_ms() / 1000.0)
-        self.inner.on_scores(end, scores)
-
-    def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None:
-        self.inner.on_level(end, meter, mel_frame)
-
-    def on_machine(self, reading: MachineReading) -> None:
-        self.inner.on_machine(reading)
+    def scored(self, inference_ms: float) -> None:
+        self._inference.observe(inference_ms / 1000.0)
 
 
 class MetricsServer:
     """A private registry served over HTTP by prometheus_client's server thread."""
 
-    def __init__(self, *, counters: Callable[[], dict[str, int]], state: Callable[[], str],
-                 gauges: Callable[[], dict[str, float]]) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_DaemonCollector(counters, state, gauges))
         self.events = Counter(f"{PREFIX}_events", "Events started, by class", ["class"],
                               registry=self.registry)
         self.inference = Histogram(f"{PREFIX}_inference_seconds",
@@ -139,9 +124,14 @@ class MetricsServer:
         self._server: Any = None
         self.address: tuple[str, int] | None = None
 
-    def wrap(self, inner: Sink, *, last_inference_ms: Callable[[], float]) -> MetricsSink:
-        return MetricsSink(inner, events=self.events, inference=self.inference,
-                           last_inference_ms=last_inference_ms)
+    def output(self) -> MetricsOutput:
+        """The daemon output that records events and inference latency as they happen."""
+        return MetricsOutput(events=self.events, inference=self.inference)
+
+    def collect_from(self, *, counters: Callable[[], dict[str, int]], state: Callable[[], str],
+                     gauges: Callable[[], dict[str, float]]) -> None:
+        """Read these snapshots (the daemon's `status` counters) at every scrape."""
+        self.registry.register(_DaemonCollector(counters, state, gauges))
 
     def start(self, host: str, port: int) -> tuple[str, int]:
         """Serve /metrics; returns the bound (host, port). ConfigError if it cannot bind."""

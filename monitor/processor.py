@@ -44,7 +44,8 @@ class Sink(Protocol):
 
     def on_transition(self, transition: Transition) -> None: ...
 
-    def on_scores(self, end: int, scores: np.ndarray) -> None: ...
+    def on_scores(self, end: int, scores: np.ndarray, inference_ms: float) -> None:
+        """One scored window ending at sample `end`; `inference_ms`: the model's time on it."""
 
     def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None: ...
 
@@ -142,7 +143,7 @@ class NullSink:
     def on_transition(self, transition: Transition) -> None:
         pass
 
-    def on_scores(self, end: int, scores: np.ndarray) -> None:
+    def on_scores(self, end: int, scores: np.ndarray, inference_ms: float) -> None:
         pass
 
     def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None:
@@ -280,12 +281,12 @@ class Processor:
         """Score the window that ends with the latest frame and feed the event logic."""
         started = time.perf_counter()
         scores = self.detector.score()
-        self._inference_ms[self._inference_count % INFERENCE_HISTORY] = \
-            (time.perf_counter() - started) * 1000.0
+        inference_ms = (time.perf_counter() - started) * 1000.0
+        self._inference_ms[self._inference_count % INFERENCE_HISTORY] = inference_ms
         self._inference_count += 1
         self.windows += 1
         end = self.timing.frame_end(self.frames - 1)
-        self.sink.on_scores(end, scores)
+        self.sink.on_scores(end, scores, inference_ms)
         for transition in self.events.update(scores, end):
             self.sink.on_transition(transition)
 
@@ -362,10 +363,6 @@ class Processor:
         for scorer in self.machines:
             for fault in scorer.flush(self.samples):
                 self.sink.on_transition(replace(fault, machine=scorer.machine))
-
-    def last_inference_ms(self) -> float:
-        """Latency of the latest scored window."""
-        return float(self._inference_ms[(self._inference_count - 1) % INFERENCE_HISTORY])
 
     def inference_stats(self) -> tuple[float, float]:
         """(median, max) inference milliseconds over recent windows, then start afresh."""

@@ -29,7 +29,7 @@ class Recorder:
     def on_transition(self, transition: Transition) -> None:
         self.transitions.append(transition)
 
-    def on_scores(self, end: int, scores: np.ndarray) -> None:
+    def on_scores(self, end: int, scores: np.ndarray, inference_ms: float) -> None:
         self.scores.append((end, scores.copy()))
 
     def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None:

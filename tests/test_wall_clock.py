@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from monitor.daemon import RESYNC_S, PublishingSink
+from monitor.outputs import RESYNC_S, Composer, ZmqOutput
 from monitor.publisher import Publisher
 
 RATE = 16000
@@ -18,24 +18,24 @@ def sink(tmp_path: Path):  # type: ignore[no-untyped-def]
     context = zmq.Context()
     publisher = Publisher(f"ipc://{tmp_path}/p.sock", sensor_id="s", send_hwm=10,
                           context=context)
-    yield PublishingSink(publisher, sample_rate=RATE, top_k=1, classes=("a",), mel_bands=4,
-                         n_mels=64)
+    yield Composer([ZmqOutput(publisher)], header=publisher.next_header, sample_rate=RATE,
+                   top_k=1, classes=("a",), mel_bands=4, n_mels=64)
     publisher.close()
     context.term()
 
 
-def test_first_audio_sets_the_anchor(sink: PublishingSink) -> None:
+def test_first_audio_sets_the_anchor(sink: Composer) -> None:
     sink.anchor(0, now=1000.0, caught_up=False)
     assert sink.wall(RATE) == pytest.approx(1001.0)
 
 
-def test_jitter_below_the_tolerance_is_ignored(sink: PublishingSink) -> None:
+def test_jitter_below_the_tolerance_is_ignored(sink: Composer) -> None:
     sink.anchor(0, now=1000.0, caught_up=False)
     sink.anchor(10 * RATE, now=1010.0 + RESYNC_S / 2, caught_up=True)
     assert sink.wall(0) == 1000.0 and sink.clock_resyncs == 0
 
 
-def test_a_drifting_sound_card_clock_is_followed_both_ways(sink: PublishingSink) -> None:
+def test_a_drifting_sound_card_clock_is_followed_both_ways(sink: Composer) -> None:
     sink.anchor(0, now=1000.0, caught_up=False)
     # The card delivered 100 ppm fewer samples than a day of wall time: re-tied.
     day = 86400
@@ -48,7 +48,7 @@ def test_a_drifting_sound_card_clock_is_followed_both_ways(sink: PublishingSink)
     assert sink.wall(round(2 * day * RATE)) == pytest.approx(1000.0 + 2 * day - 1.0)
 
 
-def test_dropped_audio_is_a_gap_in_wall_time(sink: PublishingSink) -> None:
+def test_dropped_audio_is_a_gap_in_wall_time(sink: Composer) -> None:
     sink.anchor(0, now=1000.0, caught_up=False)
     # A 2 s stall overran the ring: 1 s of audio was dropped. While the backlog drains the
     # anchor stays; once caught up, the newest sample is tied to its arrival time.
