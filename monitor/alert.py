@@ -40,7 +40,7 @@ from msgspec import Meta
 from msgspec.structs import replace
 
 from monitor.catchup import CatchupClient
-from monitor.config import read_yaml_mapping
+from monitor.config import MqttConfig, MqttTlsConfig, TopicPrefix, read_yaml_mapping
 from monitor.errors import ConfigError, MessageError
 from monitor.keys import apply_client
 from monitor.messages import Event, Status, decode
@@ -189,10 +189,30 @@ class CurveClient(Strict, frozen=True):
     """The server's public key."""
 
 
+class MqttSubscribe(Strict, frozen=True):
+    """Events from an MQTT broker (sensors with `mqtt.enabled`), in a persistent session."""
+
+    host: Annotated[str, Meta(min_length=1, max_length=253)] = "127.0.0.1"
+    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
+    topic_prefix: TopicPrefix = "audio-monitor"
+    client_id: Annotated[str, Meta(min_length=1, max_length=200)] = "audio-monitor-alert"
+    """The broker keeps this client's session (and its events) while the daemon is away."""
+    keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
+    username_file: Path | None = None
+    password_file: Path | None = None
+    tls: MqttTlsConfig | None = None
+
+
 class SourceSpec(Strict, frozen=True):
-    endpoint: Endpoint
+    endpoint: Endpoint | None = None
     catchup: Endpoint | None = None
     curve: CurveClient | None = None
+    mqtt: MqttSubscribe | None = None
+    """A broker instead of `endpoint`."""
+
+    def __post_init__(self) -> None:
+        if (self.endpoint is None) == (self.mqtt is None):
+            raise ValueError("give either `endpoint` (ZeroMQ) or `mqtt` (a broker)")
 
 
 class AlertFile(Strict, frozen=True):
@@ -217,6 +237,8 @@ class Source:
     catchup: str | None = None
     secret_key: Path | None = None
     server_key: Path | None = None
+    mqtt: MqttConfig | None = None
+    """A broker instead of a ZeroMQ endpoint: `MqttBridge` feeds `endpoint` (inproc)."""
 
     def configure(self, socket: zmq.Socket[Any]) -> None:
         if self.secret_key is not None and self.server_key is not None:
@@ -257,14 +279,25 @@ def load_alert_config(path: Path) -> AlertConfig:
         raise ConfigError("$.rules: rule names must be unique (they key the exactly-once "
                           "record)")
     return AlertConfig(
-        sources=tuple(Source(endpoint=s.endpoint, catchup=s.catchup,
+        sources=tuple(_mqtt_source(s.mqtt, i, base) if s.mqtt is not None else
+                      Source(endpoint=s.endpoint or "", catchup=s.catchup,
                              secret_key=None if s.curve is None else base / s.curve.secret_key,
                              server_key=None if s.curve is None else base / s.curve.server_key)
-                      for s in spec.subscribe),
+                      for i, s in enumerate(spec.subscribe)),
         rules=rules, state=base / spec.state, rooms=dict(spec.rooms),
         ack_endpoint=spec.ack_endpoint, publish_endpoint=spec.publish_endpoint,
         heartbeat_timeout_s=spec.heartbeat_timeout_s, max_event_age_s=spec.max_event_age_s,
         retention_days=spec.retention_days, workers=spec.workers)
+
+
+def _mqtt_source(spec: MqttSubscribe, index: int, base: Path) -> Source:
+    """A broker source; its events reach the SUB loop through an inproc endpoint. It needs
+    no catch-up request: the broker keeps the session's events while this daemon is away."""
+    settings = MqttConfig(enabled=True, host=spec.host, port=spec.port,
+                          topic_prefix=spec.topic_prefix, client_id=spec.client_id,
+                          keepalive_s=spec.keepalive_s, username_file=spec.username_file,
+                          password_file=spec.password_file, tls=spec.tls)
+    return Source(endpoint=f"inproc://alert-mqtt-{index}", mqtt=settings.resolved(base))
 
 
 # --- actions --------------------------------------------------------------------------------
@@ -452,9 +485,19 @@ class AlertDaemon:
         """`bad_messages` by reason: frames, too_large, not_json, schema, topic, refused."""
         self.dispatcher = Dispatcher(config, context=self.context, clock=clock)
         self.ack_endpoint = ""
+        self.bridges: list[Any] = []
+        """MQTT sources' bridges (`monitor.mqtt_bridge.MqttBridge`), while `run` runs."""
 
     def run(self, stop: threading.Event, *, ready: threading.Event | None = None) -> None:
         outbox = Outbox(self.config.state)
+        self.bridges = bridges = []
+        for source in self.config.sources:
+            if source.mqtt is not None:
+                from monitor.mqtt_bridge import MqttBridge
+
+                bridges.append(MqttBridge(source.mqtt, endpoint=source.endpoint,
+                                          context=self.context,
+                                          client_id=source.mqtt.client_id or "audio-monitor"))
         subs = []
         for source in self.config.sources:
             sub = self.context.socket(zmq.SUB)
@@ -474,6 +517,8 @@ class AlertDaemon:
             ack.setsockopt(zmq.LINGER, 0)
             ack.bind(self.config.ack_endpoint)
             self.ack_endpoint = ack.getsockopt_string(zmq.LAST_ENDPOINT)
+        for bridge in bridges:
+            bridge.start()
         poller = zmq.Poller()
         for sub in subs:
             poller.register(sub, zmq.POLLIN)
@@ -509,6 +554,8 @@ class AlertDaemon:
                     self._tick(outbox, clients, now)
         finally:
             self.dispatcher.stop()
+            for bridge in bridges:
+                bridge.stop()
             for sub in subs:
                 sub.close()
             for client in clients:

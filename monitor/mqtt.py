@@ -1,4 +1,4 @@
-"""MQTT output (paho-mqtt) with Home Assistant discovery, and a subscriber for the alert daemon.
+"""MQTT output (paho-mqtt) with Home Assistant discovery.
 
 Topics, under ``<topic_prefix>/<sensor_id>/``:
 

@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -311,3 +312,39 @@ def test_status_is_decodable_and_counts_mqtt(broker: Broker, tmp_path: Path,
     assert not [m for m in got if m.topic.startswith("homeassistant/")]  # discovery: false
     final = as_message(got[-1])
     assert final.counters["mqtt_connects"] == 1 and final.counters["mqtt_dropped"] == 0
+
+
+def test_alert_daemon_acts_on_mqtt_events_once(broker: Broker, tmp_path: Path,
+                                               tiny_model: Path) -> None:
+    from monitor.alert import AlertDaemon, load_alert_config
+
+    path = tmp_path / "alert.yaml"
+    path.write_text(json.dumps({
+        "subscribe": [{"mqtt": {"port": broker.port, "client_id": "alert-test"}}],
+        "state": str(tmp_path / "alert.db"),
+        "rules": [{"name": "loud", "classes": ["loud"], "actions": [{"type": "log"}]}]}))
+    alert = AlertDaemon(load_alert_config(path))
+    stop, ready = threading.Event(), threading.Event()
+    thread = threading.Thread(target=alert.run, args=(stop,), kwargs={"ready": ready})
+    thread.start()
+    wire = Subscriber(broker.port, [f"{BASE}/event/#"])
+    try:
+        assert ready.wait(10) and alert.bridges[0].subscribed.wait(10)
+        run_file(write_config(tmp_path, tiny_model, broker.port), loud_file(tmp_path, 1))
+        start = next(m for m in wire.until(count_phase("end", 1)) if b'"start"' in m.payload)
+        wait_until(lambda: alert.counters["events"] == 2 and alert.dispatcher.delivered == 1)
+        # The same event again on the wire (a resend after a lost PUBACK): judged once.
+        wire.client.publish(start.topic, start.payload, qos=1).wait_for_publish(5)
+        wait_until(lambda: alert.counters["duplicates"] == 1)
+        assert alert.dispatcher.delivered == 1 and alert.counters["bad_messages"] == 0
+    finally:
+        stop.set()
+        thread.join(30)
+        wire.close()
+
+
+def wait_until(done: Any, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
