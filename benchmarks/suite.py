@@ -72,7 +72,8 @@ def bench_frontend_hop(quick: bool) -> dict[str, Any]:
     n = 500 if quick else 2000
     ours = min(bench_hop_us(params, n=n) for _ in range(3))
     npy = min(numpy_hop_us(params, n=n) for _ in range(3))
-    lib = min(librosa_hop_us(params, n=n // 4) for _ in range(3))
+    lib_runs = [librosa_hop_us(params, n=n // 4) for _ in range(3)]
+    lib = None if None in lib_runs else min(t for t in lib_runs if t is not None)
     torch_runs = [torchaudio_hop_us(params, n=n // 4) for _ in range(3)]
     torch_us = None if None in torch_runs else min(t for t in torch_runs if t is not None)
     frontend = Frontend(params)
@@ -90,21 +91,34 @@ def bench_frontend_hop(quick: bool) -> dict[str, Any]:
     grown = sum(stat.size_diff for stat in after.filter_traces(ours_only).compare_to(
         before.filter_traces(ours_only), "filename"))
     return {"ours_us": ours, "numpy_us": npy, "librosa_us": lib,
-            "numpy_over_ours": npy / ours, "librosa_over_ours": lib / ours,
+            "numpy_over_ours": npy / ours,
+            "librosa_over_ours": None if lib is None else lib / ours,
             "torchaudio_us": torch_us,
             "torchaudio_over_ours": None if torch_us is None else torch_us / ours,
             "bytes_retained_per_1000_hops": int(grown)}
 
 
-def bench_frontend_offline(audio: np.ndarray) -> dict[str, Any]:
-    import librosa
+def _librosa() -> Any:
+    """librosa, or None where only the run-time packages are installed (a peer to compare
+    against, reported as not installed)."""
+    try:
+        import librosa
+    except ImportError:
+        return None
+    return librosa
 
+
+def bench_frontend_offline(audio: np.ndarray) -> dict[str, Any]:
     params = FrontendParams()
     seconds = audio.shape[0] / RATE
     logmel_of(audio[:RATE], params)  # compile
     t0 = time.perf_counter()
     logmel_of(audio, params)
     ours = time.perf_counter() - t0
+    librosa = _librosa()
+    if librosa is None:
+        return {"audio_s": seconds, "ours_x_realtime": seconds / ours,
+                "librosa_x_realtime": None, "ours_over_librosa": None}
     t0 = time.perf_counter()
     mel = librosa.feature.melspectrogram(
         y=audio, sr=RATE, n_fft=params.n_fft, hop_length=params.hop_length,
@@ -147,7 +161,6 @@ def bench_inference(quick: bool) -> dict[str, Any]:
 
 def bench_analyze(path: Path) -> dict[str, Any]:
     """`analyze` (our chain) against the same chain written with librosa + the same model."""
-    import librosa
     import onnxruntime as ort
 
     from monitor.analyze import analyze_file
@@ -163,6 +176,10 @@ def bench_analyze(path: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     analyze_file(path, config=config, detector=detector)
     ours = time.perf_counter() - t0
+    librosa = _librosa()
+    if librosa is None:
+        return {"audio_s": seconds, "model": model.name, "ours_x_realtime": seconds / ours,
+                "librosa_x_realtime": None, "ours_over_librosa": None}
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -483,16 +500,20 @@ def render(r: dict[str, Any]) -> str:
     rows = [
         ("front end, one 10 ms hop", f"{fh['ours_us']:.1f} us",
          f"numpy rfft {fh['numpy_over_ours']:.1f}x slower, librosa "
-         f"{fh['librosa_over_ours']:.0f}x slower; torchaudio "
+         + ("not installed" if fh["librosa_over_ours"] is None
+            else f"{fh['librosa_over_ours']:.0f}x slower")
+         + "; torchaudio "
          + ("not installed" if fh["torchaudio_over_ours"] is None
             else f"{fh['torchaudio_over_ours']:.0f}x slower")
          + f"; {fh['bytes_retained_per_1000_hops']} B retained per 1000 hops"),
         (f"front end offline ({fo['audio_s'] / 60:.0f} min)",
          f"{fo['ours_x_realtime']:.0f}x real time",
+         "librosa not installed" if fo["librosa_x_realtime"] is None else
          f"librosa {fo['librosa_x_realtime']:.0f}x ({fo['ours_over_librosa']:.1f}x slower)"),
         *[(f"inference {name}, 1 thread", f"p50 {v['p50_ms']:.2f} ms",
            f"p99 {v['p99_ms']:.2f} ms") for name, v in r["inference_1_thread"].items()],
         (f"analyze ({an['model']})", f"{an['ours_x_realtime']:.0f}x real time",
+         "librosa pipeline: librosa not installed" if an["librosa_x_realtime"] is None else
          f"librosa pipeline {an['librosa_x_realtime']:.0f}x ({an['ours_over_librosa']:.1f}x "
          "slower)"),
         ("end to end: ring -> subscriber", f"p50 {lat['p50_ms']:.2f} ms",
