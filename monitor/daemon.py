@@ -33,6 +33,12 @@ POLL_INTERVAL_S = 0.1
 DEFAULT_STDIN_RATE = 16000
 STALL_S = 5.0  # a stage without progress this long stops the watchdog pings
 DRAIN_S = 2.0  # on stop: at most this long processing audio already captured
+COUNTERS = ("samples", "frames", "windows", "events", "events_suppressed", "overrun_samples",
+            "overrun_events", "callbacks", "input_overflow", "input_underflow",
+            "source_errors", "reconnects", "nonfinite_samples", "clipped_samples",
+            "publish_sent", "publish_dropped", "clock_resyncs", "journal_written",
+            "journal_errors")
+"""Counters every `status` message carries (README, "Wire contract")."""
 
 
 def build_source(config: Config) -> Source:
@@ -234,30 +240,10 @@ class Daemon:
         return "running" if flowing or self.source.exhausted else "degraded"
 
     def counters(self) -> dict[str, int]:
-        source, processor, meter = self.source, self.processor, self.processor.meter
-        outputs = self.sink.stats()
-        return {
-            "samples": processor.samples,
-            "frames": processor.frames,
-            "windows": processor.windows,
-            "events": outputs.pop("events"),
-            "events_suppressed": processor.events.suppressed,
-            "overrun_samples": source.ring.overrun_samples,
-            "overrun_events": source.ring.overrun_events,
-            "callbacks": source.counters.callbacks,
-            "input_overflow": source.counters.input_overflow,
-            "input_underflow": source.counters.input_underflow,
-            "source_errors": source.counters.errors,
-            "reconnects": source.counters.reconnects,
-            "nonfinite_samples": meter.nonfinite_total,
-            "clipped_samples": meter.clipped_total,
-            "publish_sent": outputs.pop("publish_sent"),
-            "publish_dropped": outputs.pop("publish_dropped"),
-            "clock_resyncs": outputs.pop("clock_resyncs"),
-            "journal_written": outputs.pop("journal_written"),
-            "journal_errors": outputs.pop("journal_errors"),
-            **outputs,
-        }
+        """The `status` message's counters: snapshots of the chain, the source and the
+        outputs, merged in the order of `COUNTERS` (counters of optional outputs last)."""
+        merged = {**self.processor.stats(), **self.source.stats(), **self.sink.stats()}
+        return {**{key: merged.pop(key) for key in COUNTERS}, **merged}
 
     def publish_status(self, state: str) -> None:
         p50, worst = self.processor.inference_stats()

@@ -364,6 +364,13 @@ class Processor:
             for fault in scorer.flush(self.samples):
                 self.sink.on_transition(replace(fault, machine=scorer.machine))
 
+    def stats(self) -> dict[str, int]:
+        """Monotonic counters of the chain, for the `status` message."""
+        meter = self.meter
+        return {"samples": self.samples, "frames": self.frames, "windows": self.windows,
+                "events_suppressed": self.events.suppressed,
+                "nonfinite_samples": meter.nonfinite_total, "clipped_samples": meter.clipped_total}
+
     def inference_stats(self) -> tuple[float, float]:
         """(median, max) inference milliseconds over recent windows, then start afresh."""
         n = min(self._inference_count, INFERENCE_HISTORY)

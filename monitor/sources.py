@@ -173,6 +173,14 @@ class Source(ABC):
         """True when only a new process can recover this source (see MicSource)."""
         return False
 
+    def stats(self) -> dict[str, int]:
+        """Monotonic counters of capture and its ring, for the `status` message."""
+        ring, counters = self.ring, self.counters
+        return {"overrun_samples": ring.overrun_samples, "overrun_events": ring.overrun_events,
+                "callbacks": counters.callbacks, "input_overflow": counters.input_overflow,
+                "input_underflow": counters.input_underflow, "source_errors": counters.errors,
+                "reconnects": counters.reconnects}
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.description}>"
 

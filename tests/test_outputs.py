@@ -1,0 +1,73 @@
+"""The output seam: every output sees the same numbered messages; one failing output
+neither stops detection nor the others."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from monitor.events import Transition
+from monitor.messages import Event, Message, Scores, decode
+from monitor.outputs import Composer, Output, ZmqOutput
+from monitor.publisher import Publisher
+
+RATE = 16000
+
+
+class Recorder(Output):
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.inference_ms: list[float] = []
+
+    def send(self, message: Message) -> None:
+        self.messages.append(message)
+
+    def scored(self, inference_ms: float) -> None:
+        self.inference_ms.append(inference_ms)
+
+    def stats(self) -> dict[str, int]:
+        return {"recorder_messages": len(self.messages)}
+
+
+class Broken(Output):
+    name = "broken"
+
+    def send(self, message: Message) -> None:
+        raise RuntimeError("a bug in an output")
+
+
+def test_outputs_share_numbered_messages_and_a_broken_one_is_counted(tmp_path: Path) -> None:
+    context = zmq.Context()
+    endpoint = f"ipc://{tmp_path}/p.sock"
+    publisher = Publisher(endpoint, sensor_id="s", send_hwm=100, context=context)
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    assert publisher.wait_for_subscriber(5)
+    recorder = Recorder()
+    composer = Composer([ZmqOutput(publisher), Broken(), recorder], header=publisher.next_header,
+                        sample_rate=RATE, top_k=1, classes=("cough", "other"), mel_bands=4,
+                        n_mels=64)
+    composer.anchor(0, now=1000.0, caught_up=False)
+    try:
+        composer.on_scores(RATE, np.array([0.9, 0.1], dtype=np.float32), 0.25)
+        composer.on_transition(Transition(label="cough", phase="start", onset=RATE // 2,
+                                          offset=None, peak_score=0.9, threshold=0.5,
+                                          event_number=1))
+        wire = [decode(sub.recv_multipart()) for _ in range(2)]
+    finally:
+        sub.close()
+        publisher.close()
+        context.term()
+    assert wire == recorder.messages  # the same message objects' content, seq included
+    assert [type(m) for m in wire] == [Scores, Event] and [m.seq for m in wire] == [1, 2]
+    event = wire[1]
+    assert isinstance(event, Event) and event.onset_time == 1000.5
+    assert recorder.inference_ms == [0.25]
+    stats = composer.stats()
+    assert stats["output_errors"] == 2 and stats["recorder_messages"] == 2
+    assert stats["publish_sent"] == 2 and stats["events"] == 1
