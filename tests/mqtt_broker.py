@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import queue
 import socket
 import subprocess
@@ -31,9 +33,12 @@ class Broker:
         self.config = folder / "mosquitto.conf"
         self.log = folder / "mosquitto.log"
         folder.mkdir(parents=True, exist_ok=True)
+        # Started as root, mosquitto would switch to user `mosquitto`, which cannot write
+        # its persistence file here: it keeps the user that starts it.
         self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
                                f"persistence true\npersistence_location {folder}/\n"
-                               f"log_dest file {self.log}\n")
+                               f"log_dest file {self.log}\n"
+                               f"user {pwd.getpwuid(os.getuid()).pw_name}\n")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -56,6 +61,7 @@ class Broker:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
+            assert (self.folder / "mosquitto.db").is_file(), "mosquitto saved no sessions"
         self.process = None
 
 
