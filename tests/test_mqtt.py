@@ -268,8 +268,9 @@ def test_home_assistant_discovery_drives_a_view(broker: Broker, tmp_path: Path,
         view_of(states, by_topic, view)
         assert view["loud"] == ["ON", "OFF"]  # fall["payload_on"] / ["payload_off"]
         assert fall["device_class"] == "sound"
-        assert float(view["Level"][-1]) == -120.0 and max(map(float, view["Level"])) > -20
-        assert view["State"][-1] == "running"
+        assert min(map(float, view["Level"])) == -120.0 and max(map(float, view["Level"])) > -20
+        # Between writes to its stdin the daemon sees no audio: `degraded` until more comes.
+        assert "running" in view["State"] and set(view["State"]) <= {"running", "degraded"}
         assert [m.payload for m in states if m.topic in availability][:1] == [b"online"]
         # The process dies without a word: the broker publishes its last will.
         daemon.send_signal(signal.SIGKILL)
@@ -300,10 +301,13 @@ def test_unreadable_credentials_fail_at_start_naming_the_key(tmp_path: Path) -> 
                                           "mqtt.password_file": str(tmp_path / "missing")})
     with pytest.raises(ConfigError, match=r"mqtt\.password_file: cannot read"):
         MqttOutput(config.mqtt, sensor_id=SENSOR, state_dir=tmp_path)
-    with pytest.raises(ConfigError, match=r"mqtt\.port: 0 is out of range"):
+    with pytest.raises(ConfigError, match=r"^\$\.mqtt\.port: 0: expected `int` >= 1$"):
         load_config(None, overrides={"mqtt.port": 0})
-    with pytest.raises(ConfigError, match=r"mqtt\.topic_prefix: 'a/#'"):
+    with pytest.raises(ConfigError, match=r"^\$\.mqtt\.topic_prefix: 'a/#': expected an MQTT "
+                                          r"topic prefix: not empty, without # or \+$"):
         load_config(None, overrides={"mqtt.topic_prefix": "a/#"})
+    with pytest.raises(ConfigError, match=r"^\$\.mqtt: reconnect_min_s 9 is above "):
+        load_config(None, overrides={"mqtt.reconnect_min_s": 9, "mqtt.reconnect_max_s": 2})
 
 
 def test_status_is_decodable_and_counts_mqtt(broker: Broker, tmp_path: Path,
