@@ -192,6 +192,7 @@ class MqttOutput(Output):
         self.catalog = catalog
         if self.connected and self.settings.discovery:
             self._publish_discovery()
+            self._publish(self.availability_topic, ONLINE, qos=1, retain=True)
 
     def send(self, message: Message) -> None:
         if isinstance(message, Event):
@@ -342,11 +343,12 @@ class MqttOutput(Output):
         self.connected = True
         logger.info("mqtt: connected to %s:%d as %s", self.settings.host, self.settings.port,
                     self.client_id)
-        self._publish(self.availability_topic, ONLINE, qos=1, retain=True)
+        # Entities and state before `online`: whoever sees `online` finds them retained.
         if self.settings.discovery and self.catalog is not None:
             self._publish_discovery()
         if self._last_status is not None:
             self._publish(f"{self.base}/status", self._last_status, qos=1, retain=True)
+        self._publish(self.availability_topic, ONLINE, qos=1, retain=True)
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
