@@ -80,6 +80,21 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
     analyze.set_defaults(handler=_cmd_analyze)
 
+    calibrate = sub.add_parser("calibrate", help="per-class thresholds from a room's normal "
+                                                 "life: a recording or the live microphone")
+    _add_config(calibrate)
+    calibrate.add_argument("--source", help="mic | mic:NAME-OR-INDEX | file:PATH | PATH | stdin "
+                                            "(default: the config's source)")
+    calibrate.add_argument("--duration", help="how long to listen: 8h, 30m, 90s (default: a "
+                                              "file or stdin to its end; needed for a mic)")
+    calibrate.add_argument("--target-fa", default="1/h", metavar="RATE",
+                           help="false alarms per hour allowed there: 1/h, 0.5/h, 2 "
+                                "(default 1/h)")
+    calibrate.add_argument("--out", type=Path, help="write the YAML snippet to this file "
+                                                    "(default: print it)")
+    calibrate.add_argument("--rate", type=int, help="sample rate of the source (stdin PCM, mic)")
+    calibrate.set_defaults(handler=_cmd_calibrate)
+
     demo = sub.add_parser("demo", help="play real recordings through the whole pipeline")
     _add_config(demo)
     demo.add_argument("--fast", action="store_true", help="do not wait for real time")
@@ -340,6 +355,67 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             table.add_row(e.file, e.label, f"{e.start_s:.2f}", f"{e.end_s:.2f}", f"{e.score:.2f}")
         Console().print(table)
     return EXIT_USER_ERROR if failed else 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from monitor.calibrate import (
+        calibrate,
+        parse_duration,
+        parse_target,
+        summary,
+        validation_peaks,
+        yaml_snippet,
+    )
+    from monitor.daemon import build_source
+    from monitor.detector import Detector
+    from monitor.errors import ConfigError
+    from monitor.sources import parse_source
+
+    seconds = None if args.duration is None else parse_duration(args.duration)
+    target = parse_target(args.target_fa)
+    if args.out is not None and not args.out.parent.is_dir():
+        raise ConfigError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    overrides: dict[str, Any] = {"audio.realtime": False}  # a recording: as fast as it reads
+    if args.source:
+        spec = args.source
+        if not spec.startswith(("mic", "file:", "stdin")) and Path(spec).exists():
+            spec = f"file:{spec}"
+        overrides["source"] = spec
+    if args.rate:
+        overrides["audio.sample_rate"] = args.rate
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    config = _load(args, overrides)
+    if parse_source(config.source)[0] == "mic" and seconds is None:
+        raise ConfigError("--duration: needed with a microphone source (e.g. --duration 8h)")
+    detector = Detector(config.model.path, threads=config.model.threads)
+    source = build_source(config)
+    heard, results = calibrate(config, detector, source, seconds=seconds, target=target,
+                               stop=stop)
+    if not heard.samples:
+        print(f"audio-monitor: calibrate heard no audio from {config.source}; nothing to "
+              "calibrate", file=sys.stderr)
+        return 1
+    print(summary(results, heard, target=target, asked_s=seconds, source=config.source,
+                  peaks_known=validation_peaks(config.model.path) is not None), flush=True)
+    snippet = yaml_snippet(results, heard, target=target, source=config.source)
+    status = 0
+    if args.out is None:
+        print(snippet, end="")
+    else:
+        try:
+            args.out.write_text(snippet, encoding="utf-8")
+            print(f"thresholds written to {args.out}")
+        except OSError as err:
+            print(snippet, end="")
+            print(f"audio-monitor: cannot write {args.out}: {err.strerror}", file=sys.stderr)
+            status = 1
+    if heard.stopped_by == "device":  # PortAudio's teardown would hang on the dead stream
+        sys.stdout.flush()
+        logging.shutdown()
+        os._exit(status)
+    return status
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
