@@ -20,7 +20,6 @@ validation positive clip; recall at threshold t is the share of them >= t.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -28,9 +27,11 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+from msgspec.structs import replace
 
 from monitor.config import Config, EventRule
 from monitor.detector import Detector
@@ -215,13 +216,13 @@ def listen(config: Config, detector: Detector, source: Source, *, seconds: float
 # --- choosing thresholds ----------------------------------------------------------------
 
 def rule_at(config: Config, detector: Detector, timing: Timing, name: str,
-            threshold: float) -> ClassRule:
-    """The rule the daemon would run for class `name` with `threshold` set in the config."""
+            threshold: float | None) -> ClassRule:
+    """The rule the daemon would run for class `name` with `threshold` set in the config
+    (None: left out, so the card's threshold)."""
     rule = config.events.classes.get(name, EventRule())
     classes = dict(config.events.classes)
-    classes[name] = dataclasses.replace(rule, threshold=threshold)
-    changed = dataclasses.replace(config, events=dataclasses.replace(config.events,
-                                                                     classes=classes))
+    classes[name] = replace(rule, threshold=threshold)
+    changed = replace(config, events=replace(config.events, classes=classes))
     return resolve_rules(changed, detector, timing)[name]
 
 
@@ -283,32 +284,33 @@ def calibrate_class(heard: Heard, *, name: str, config: Config, detector: Detect
     """Pick the lowest candidate threshold whose events per hour on `heard` are <= `target`."""
     recorder = heard.recorder
     scores = recorder.scores(name)
-    card_threshold = detector.card.thresholds.get(name)
-    if card_threshold is None:  # a class the card sets no threshold for: the resolved one
-        card_threshold = resolve_rules(config, detector, timing)[name].threshold
+    if name in detector.card.thresholds:  # the config's threshold left out: the card's
+        card_rule = rule_at(config, detector, timing, name, None)
+    else:  # a class the card sets no threshold for: the one the daemon runs now
+        card_rule = resolve_rules(config, detector, timing)[name]
+    card_threshold = card_rule.threshold
     lead_ms = detector.card.onset_lead_ms
-    common = dict(first_end=recorder.first_end or 0, stride=timing.stride,
-                  window=timing.detector_window,
-                  audio_windows=recorder.audio_windows if recorder.audio_windows is not None
-                  else recorder.count, audio_end=heard.samples,
-                  onset_lead=None if lead_ms is None
-                  else round(lead_ms * timing.sample_rate / 1000))
-    allowed = target * heard.hours
-    card_events = -1
-    chosen, events, previous = card_threshold, -1, None
-    for threshold in candidates(card_threshold):
-        rule = rule_at(config, detector, timing, name, threshold)
-        if previous is not None and previous[1] == rule.release and not np.any(
-                (scores >= previous[0]) & (scores < threshold)):
-            count = events  # no window between the two thresholds: the same hits
-        else:
-            count = count_events(scores, rule, **common)  # type: ignore[arg-type]
-        if card_events < 0:
-            card_events = count
-        chosen, events, previous = threshold, count, (threshold, rule.release)
-        if count <= allowed + 1e-9:
+    count = partial(count_events, scores, first_end=recorder.first_end or 0,
+                    stride=timing.stride, window=timing.detector_window,
+                    audio_windows=recorder.count if recorder.audio_windows is None
+                    else recorder.audio_windows, audio_end=heard.samples,
+                    onset_lead=None if lead_ms is None
+                    else round(lead_ms * timing.sample_rate / 1000))
+    allowed = target * heard.hours + 1e-9
+    card_events = count(card_rule)
+    chosen, events, previous = card_threshold, card_events, card_rule
+    configured = config.events.classes.get(name, EventRule()).release
+    for threshold in candidates(card_threshold)[1:]:
+        if events <= allowed:
             break
-    reached = events <= allowed + 1e-9
+        if configured is not None and threshold < configured:
+            continue  # config.yaml refuses a threshold below the class's configured release
+        rule = rule_at(config, detector, timing, name, threshold)
+        if rule.release != previous.release or np.any((scores >= previous.threshold)
+                                                      & (scores < threshold)):
+            events = count(rule)  # else no window lies between the two: the same hits
+        chosen, previous = threshold, rule
+    reached = events <= allowed
     return ClassResult(name=name, card_threshold=card_threshold, card_events=card_events,
                        threshold=chosen, events=events, reached=reached,
                        recall_card=_recall(peaks, card_threshold),

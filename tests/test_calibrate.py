@@ -17,13 +17,16 @@ import soundfile as sf
 import yaml
 from tiny_model import build_tiny_model
 
+from monitor.analyze import analyze
 from monitor.calibrate import (
     ScoreRecorder,
+    calibrate,
     count_events,
     listen,
     parse_duration,
     parse_target,
     rule_at,
+    yaml_snippet,
 )
 from monitor.config import load_config
 from monitor.detector import Detector
@@ -247,3 +250,23 @@ def test_recorder_keeps_complements_in_float16() -> None:
     assert np.all((kept - live)[above] <= 2.0**-10 * (1 - live[above]))
     for threshold in live.tolist():
         assert np.all((kept >= threshold) == (live >= threshold))
+
+
+def test_thresholds_respect_the_configs_own_rule(model: Path, room: Path,
+                                                 tmp_path: Path) -> None:
+    """A release set in the config stays valid under the chosen threshold, and the
+    written snippet, merged into that config, loads and raises what calibration counted."""
+    extra = "events:\n  classes:\n    loud:\n      release: 0.95\n"
+    config = load_config(config_for(tmp_path, model, extra))
+    detector = Detector(config.model.path)
+    source = FileSource(room, realtime=False, ring_seconds=4.0, block_ms=10.0)
+    heard, results = calibrate(config, detector, source, seconds=None, target=0.0,
+                               stop=threading.Event())
+    (result,) = results
+    assert result.card_threshold == 0.5 and result.card_events > 0
+    assert result.threshold >= 0.95 and result.reached and result.events == 0
+    snippet = yaml.safe_load(yaml_snippet(results, heard, target=0.0, source="room"))
+    merged = config_for(tmp_path, model, "events:\n  classes:\n    loud:\n      release: 0.95\n"
+                        f"      threshold: {snippet['events']['classes']['loud']['threshold']}\n")
+    calibrated = load_config(merged)
+    assert analyze(room, config=calibrated, detector=detector).events == []
