@@ -91,7 +91,7 @@ class ScoreRecorder(NullSink):
         self.audio_windows: int | None = None
         """Windows scored before the end of the audio (the rest are end-of-stream padding)."""
 
-    def on_scores(self, end: int, scores: np.ndarray) -> None:
+    def on_scores(self, end: int, scores: np.ndarray, inference_ms: float = 0.0) -> None:
         if self.first_end is None:
             self.first_end = end
         elif end != self.first_end + self.count * self.stride:
