@@ -672,7 +672,7 @@ class AlertDaemon:
                    "event_id": event.event_id, "label": event.label, "phase": event.phase,
                    "seq": event.seq, "peak_score": event.peak_score,
                    "onset_time": event.onset_time, "offset_time": event.offset_time,
-                   "event_ts": event.ts}
+                   "reason": event.end_reason, "event_ts": event.ts}
         base = f"{event.sensor_id}|{event.event_id}|{event.phase}|"
         items = [Item(key=base + f"{rule.name}/{a.name}", kind="alert",
                       action=f"{rule.name}/{a.name}", sensor_id=event.sensor_id,

@@ -95,8 +95,7 @@ def analyze(path: Path, *, config: Config, detector: Detector) -> FileAnalysis:
                 read += n
                 processor.process(block[:n].reshape(-1))
         except (sf.LibsndfileError, RuntimeError) as err:
-            seconds = processor.samples / processor.timing.sample_rate
-            error = f"audio file {path} is corrupt after {seconds:.2f} s: {err}"
+            error = truncation_warning(path, read, promised, err)
         processor.finish()
     truncated = truncation_warning(path, read, promised)
     if truncated is not None and error is None:

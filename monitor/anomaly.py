@@ -473,4 +473,5 @@ class MachineScorer:
     def flush(self, end: int) -> list[Transition]:
         """The stream ended at sample `end`: decide a fault event as `ClassEventLogic.flush`
         does (an active one ends; a confirmed one short of min_duration starts and ends)."""
+        self.events.audio_end = end
         return self.events.flush(end)

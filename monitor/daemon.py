@@ -36,8 +36,8 @@ DRAIN_S = 2.0  # on stop: at most this long processing audio already captured
 COUNTERS = ("samples", "frames", "windows", "events", "events_suppressed", "overrun_samples",
             "overrun_events", "callbacks", "input_overflow", "input_underflow",
             "source_errors", "reconnects", "nonfinite_samples", "clipped_samples",
-            "publish_sent", "publish_dropped", "clock_resyncs", "journal_written",
-            "journal_errors")
+            "levels_clamped", "publish_sent", "publish_dropped", "publish_unencodable",
+            "clock_resyncs", "journal_written", "journal_errors")
 """Counters every `status` message carries (README, "Wire contract")."""
 
 
@@ -72,6 +72,7 @@ class Daemon:
         self.publisher = publisher
         card = detector.card
         self.sink = Composer([ZmqOutput(publisher), *outputs], header=publisher.next_header,
+                             give_back=publisher.give_back,
                              sample_rate=card.frontend.sample_rate,
                              top_k=min(config.model.top_k, len(card.classes)),
                              classes=card.classes, mel_bands=config.publish.level_mel_bands,
@@ -102,6 +103,7 @@ class Daemon:
         source, ring, processor = self.source, self.source.ring, self.processor
         live = not isinstance(source, FileSource)  # a file's audio time is its own clock
         status_every = self.config.publish.status_interval_s
+        self.sink.close_left_open(self.publisher.open_events())  # before new audio is judged
         self.source.start()
         self.publish_status("running")
         self.health.ready(self._describe())

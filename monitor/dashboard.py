@@ -278,7 +278,10 @@ def _clock(unix_time: float) -> str:
 
 def _event_cells(event: LoggedEvent, *, new: bool) -> list[str]:
     clock = _clock(event.onset_time)
-    duration = "ongoing" if event.duration_s is None else f"{event.duration_s:.2f}s"
+    if event.duration_s is not None:
+        duration = f"{event.duration_s:.2f}s"
+    else:
+        duration = f"ended ({event.end_reason})" if event.ended else "ongoing"
     label = event.label if event.machine is None else f"{event.label} ({event.machine})"
     return ["●" if new else " ", clock, event.sensor_id, label,
             f"{event.peak_score:.2f}", duration]

@@ -42,7 +42,10 @@ class LoggedEvent:
     received: float
     """Monotonic `now` when the row was created (drives the "new" highlight)."""
     duration_s: float | None = None
-    """None while the event is still going on."""
+    """None while the event is still going on, or when its end is unknown (`end_reason`)."""
+    ended: bool = False
+    end_reason: str | None = None
+    """Why an end came without a known offset, e.g. "restart" (see `Event.reason`)."""
     machine: str | None = None
     """For machine-fault events: which machine."""
 
@@ -171,8 +174,11 @@ class DashboardState:
             self.events.append(row)
             self._by_id[key] = row
         row.peak_score = max(row.peak_score, event.peak_score)
-        if event.phase == "end" and event.offset_s is not None:
-            row.duration_s = event.offset_s - event.onset_s
+        if event.phase == "end":
+            row.ended = True
+            row.end_reason = event.end_reason
+            if event.offset_s is not None:
+                row.duration_s = event.offset_s - event.onset_s
         sensor.last_event = row
 
     # -- reading ---------------------------------------------------------------------------

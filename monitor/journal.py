@@ -10,6 +10,10 @@ numbers (`reserve`) and a restart starts after the highest reserved number. Subs
 see that jump as a gap, ask the catch-up endpoint, and get exactly the events they
 missed, none of the never-sent numbers.
 
+The journal also knows which events are open (a `start` without its `end`), so a
+daemon that was killed (kill -9, power cut) closes them when it starts again: see
+`Publisher.close_open_events`.
+
 One connection per thread: the publisher's thread writes, the catch-up thread opens
 its own read connection (`JournalReader`).
 """
@@ -44,6 +48,14 @@ CREATE TABLE IF NOT EXISTS seq_reserved (
     sensor_id TEXT PRIMARY KEY,
     high INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS open_events (
+    sensor_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    topic BLOB NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (sensor_id, event_id)
+) WITHOUT ROWID;
 """
 
 
@@ -93,12 +105,27 @@ class Journal:
             "DO UPDATE SET high = max(high, excluded.high)", (sensor_id, high))
         return high
 
-    def append(self, sensor_id: str, seq: int, ts: float, frames: list[bytes]) -> bool:
+    def append(self, sensor_id: str, seq: int, ts: float, frames: list[bytes], *,
+               opens: str | None = None, closes: str | None = None) -> bool:
         """Write one event durably (fsync) before it is sent; False if the disk refused
-        (counted and logged: the event is still published)."""
+        (counted and logged: the event is still published). `opens`/`closes`: the event
+        id this message starts or ends, kept in the open set in the same transaction."""
+        conn = self._conn
         try:
-            self._conn.execute("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?)",
-                               (sensor_id, seq, ts, frames[0], frames[1]))
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?)",
+                             (sensor_id, seq, ts, frames[0], frames[1]))
+                if opens is not None:
+                    conn.execute("INSERT OR REPLACE INTO open_events VALUES (?, ?, ?, ?, ?)",
+                                 (sensor_id, opens, seq, frames[0], frames[1]))
+                if closes is not None:
+                    conn.execute("DELETE FROM open_events WHERE sensor_id = ? AND event_id = ?",
+                                 (sensor_id, closes))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
         except sqlite3.Error as err:
             self.errors += 1
             logger.error("journal write failed for %s seq %d: %s", sensor_id, seq, err)
@@ -109,6 +136,17 @@ class Journal:
             self._appends = 0
             self.prune()
         return True
+
+    def open_events(self, sensor_id: str) -> list[tuple[bytes, bytes]]:
+        """[topic, json] of this sensor's events that started and have not ended, oldest
+        first (after a crash: the events it left open)."""
+        try:
+            rows = self._conn.execute("SELECT topic, body FROM open_events WHERE sensor_id = ? "
+                                      "ORDER BY seq", (sensor_id,)).fetchall()
+        except sqlite3.Error as err:
+            logger.error("journal: cannot read open events of %s: %s", sensor_id, err)
+            return []
+        return [(bytes(topic), bytes(body)) for topic, body in rows]
 
     def prune(self, *, now: float | None = None) -> int:
         """Drop events older than `max_age_days`, then the oldest until under `max_mb`."""

@@ -2,7 +2,9 @@
 
 Bad samples must never reach the model: NaN/Inf are replaced by 0 and counted,
 clipped samples are counted, and the running sums give RMS, peak and DC offset
-for the `level` and `status` messages.
+for the `level` and `status` messages. Sums are taken in float64, so any finite
+float32 sample (even 1e30) gives a finite level; a level outside
+[DBFS_FLOOR, DBFS_CEILING] is clamped and counted, so none ever fails to encode.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from monitor.jit import kernel
 
 CLIP_LEVEL = 0.999
 DBFS_FLOOR = -120.0
+DBFS_CEILING = 120.0
+"""A million times full scale: no audio; a level above it is clamped (and counted)."""
 
 # Indices into the stats vector filled by `condition_block`.
 SUM_SQUARES, PEAK, SUM, NONFINITE, CLIPPED, COUNT = range(6)
@@ -34,13 +38,14 @@ def condition_block(x: np.ndarray, stats: np.ndarray) -> None:  # pragma: no cov
             x[i] = 0.0
             nonfinite += 1
             continue
-        a = abs(v)
+        w = np.float64(v)  # float32 squares overflow from 1.8e19 on
+        a = abs(w)
         if a >= CLIP_LEVEL:
             clipped += 1
         if a > peak:
             peak = a
-        sum_squares += v * v
-        total += v
+        sum_squares += w * w
+        total += w
     stats[SUM_SQUARES] += sum_squares
     stats[PEAK] = peak
     stats[SUM] += total
@@ -50,8 +55,15 @@ def condition_block(x: np.ndarray, stats: np.ndarray) -> None:  # pragma: no cov
 
 
 def to_dbfs(amplitude: float) -> float:
-    """Amplitude (full scale 1.0) -> dBFS, floored at -120."""
+    """Amplitude (full scale 1.0) -> dBFS, floored at -120 (not clamped above)."""
     return 20.0 * math.log10(amplitude) if amplitude > 1e-6 else DBFS_FLOOR
+
+
+def clamp_level(value: float) -> float:
+    """`value` (dBFS) within [DBFS_FLOOR, DBFS_CEILING]; NaN becomes the floor."""
+    if math.isnan(value):
+        return DBFS_FLOOR
+    return min(max(value, DBFS_FLOOR), DBFS_CEILING)
 
 
 class LevelMeter:
@@ -61,6 +73,8 @@ class LevelMeter:
         self.span = np.zeros(6, dtype=np.float64)
         self.nonfinite_total = 0
         self.clipped_total = 0
+        self.clamped_levels_total = 0
+        """Levels (RMS or peak of a span) outside [DBFS_FLOOR, DBFS_CEILING], clamped."""
         self.rms_dbfs = DBFS_FLOOR
         self.peak_dbfs = DBFS_FLOOR
         self.dc_offset = 0.0
@@ -73,8 +87,11 @@ class LevelMeter:
         """Turn the span's sums into levels and start a new span."""
         span = self.span
         count = max(span[COUNT], 1.0)
-        self.rms_dbfs = to_dbfs(math.sqrt(span[SUM_SQUARES] / count))
-        self.peak_dbfs = to_dbfs(span[PEAK])
+        rms = to_dbfs(math.sqrt(span[SUM_SQUARES] / count))
+        peak = to_dbfs(span[PEAK])
+        self.rms_dbfs = clamp_level(rms)
+        self.peak_dbfs = clamp_level(peak)
+        self.clamped_levels_total += (self.rms_dbfs != rms) + (self.peak_dbfs != peak)
         self.dc_offset = span[SUM] / count
         self.nonfinite_total += int(span[NONFINITE])
         self.clipped_total += int(span[CLIPPED])

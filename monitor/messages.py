@@ -68,6 +68,17 @@ class Event(_Wire, frozen=True, tag="event"):
     threshold: Finite
     machine: Text | None = None
     """For `machine_fault` events: the machine's name; null for sound events."""
+    reason: Literal["restart"] | msgspec.UnsetType = msgspec.UNSET
+    """Only on an `end` not decided by the event logic: "restart" when the daemon, starting,
+    closed an event its journal shows was left open (kill -9, power cut); when it really
+    ended is unknown, so `offset_s` and `offset_time` are null. Otherwise unset: absent
+    from the JSON, so decoders built before it (unknown fields refused) still decode
+    every other event."""
+
+    @property
+    def end_reason(self) -> str | None:
+        """`reason`, or None when unset."""
+        return None if isinstance(self.reason, msgspec.UnsetType) else self.reason
 
     @property
     def topic(self) -> str:
@@ -136,7 +147,8 @@ class Status(_Wire, frozen=True, tag="status"):
     t_audio_s: Finite
     counters: Annotated[dict[Annotated[str, Meta(max_length=200)], Count], Meta(max_length=1000)]
     """Monotonic counters: samples, frames, windows, events, overrun_samples, input_overflow,
-    nonfinite_samples, clipped_samples, publish_dropped, source_errors, reconnects, ..."""
+    nonfinite_samples, clipped_samples, levels_clamped, publish_dropped, publish_unencodable,
+    source_errors, reconnects, ..."""
     inference_ms_p50: Finite
     inference_ms_max: Finite
     """Per-window inference time since the previous status message."""

@@ -48,6 +48,9 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "clipped_samples": ("clipped_samples", "Samples at or beyond full scale"),
     "publish_sent": ("published", "Messages handed to ZeroMQ"),
     "publish_dropped": ("publish_dropped", "Messages ZeroMQ refused (not sent)"),
+    "publish_unencodable": ("publish_unencodable",
+                            "Messages that could not be encoded (not sent; no seq used)"),
+    "levels_clamped": ("levels_clamped", "Level values (dBFS) clamped into -120..+120"),
 }
 SKIPPED = {"events"}  # exported per class by MetricsOutput instead
 STATES = ("running", "degraded", "stalled")

@@ -26,7 +26,7 @@ import numpy as np
 from monitor.anomaly import MachineReading
 from monitor.events import Transition
 from monitor.levels import LevelMeter
-from monitor.messages import Anomaly, Event, Level, Message, Scores, Status
+from monitor.messages import Anomaly, Event, Level, Message, Scores, Status, encode
 from monitor.publisher import Publisher
 
 logger = logging.getLogger(__name__)
@@ -97,14 +97,18 @@ class Composer:
     """A processor `Sink`: turns results into wire messages, converting audio time to wall
     time, and hands each to every output, in order.
 
-    `header` numbers messages (`Publisher.next_header`: the journal reserves the numbers).
+    `header` numbers messages (`Publisher.next_header`: the journal reserves the numbers);
+    `give_back` returns the latest number when its message cannot be encoded (a non-finite
+    number: a bug upstream), which then reaches no output and is counted in
+    `publish_unencodable`: a gap in `seq` only ever means a lost message.
     """
 
     def __init__(self, outputs: Sequence[Output], *, header: Callable[[], dict[str, Any]],
-                 sample_rate: int, top_k: int, classes: tuple[str, ...], mel_bands: int,
-                 n_mels: int) -> None:
+                 give_back: Callable[[int], None], sample_rate: int, top_k: int,
+                 classes: tuple[str, ...], mel_bands: int, n_mels: int) -> None:
         self.outputs = tuple(outputs)
         self.header = header
+        self.give_back = give_back
         self.thresholds: dict[str, float] = {}
         """Event threshold per watched class, sent beside its score (set by the daemon)."""
         self.sample_rate = sample_rate
@@ -116,6 +120,7 @@ class Composer:
         self.events_started = 0
         self.clock_resyncs = 0
         self.output_errors = 0
+        self.unencodable = 0
         edges = np.linspace(0, n_mels, min(mel_bands, n_mels) + 1).astype(int)
         self._mel_edges = edges[:-1]
         self._mel_widths = np.diff(edges)
@@ -142,6 +147,13 @@ class Composer:
     def publish(self, cls: type, **fields: Any) -> Message:
         """Build a message of type `cls` with the next header and hand it to every output."""
         message: Message = cls(**self.header(), **fields)
+        try:
+            encode(message)  # what every output will need; checked once, before any has it
+        except ValueError as err:
+            self.unencodable += 1
+            self.give_back(message.seq)
+            logger.warning("unencodable %s message not sent: %s", message.TYPE, err)
+            return message
         for output in self.outputs:
             try:
                 output.send(message)
@@ -167,6 +179,19 @@ class Composer:
             machine=transition.machine)
         logger.info("event %s %s at %.2f s (score %.2f)", transition.label, transition.phase,
                     offset_s if offset_s is not None else onset_s, transition.peak_score)
+
+    def close_left_open(self, starts: Sequence[Event]) -> int:
+        """Publish the `end` of events a killed run left open (`starts`, from the journal)
+        with `reason: "restart"`; when they really ended is unknown, so the offsets are
+        null. Returns how many. Call at start-up, before any audio is judged."""
+        for start in starts:
+            self.publish(Event, event_id=start.event_id, label=start.label, phase="end",
+                         onset_s=start.onset_s, offset_s=None, onset_time=start.onset_time,
+                         offset_time=None, peak_score=start.peak_score,
+                         threshold=start.threshold, machine=start.machine, reason="restart")
+            logger.warning("closed event %s (%s) left open by the previous run; when it "
+                           "ended is unknown", start.event_id, start.label)
+        return len(starts)
 
     def on_scores(self, end: int, scores: np.ndarray, inference_ms: float) -> None:
         for output in self.outputs:
@@ -216,7 +241,8 @@ class Composer:
 
     def stats(self) -> dict[str, int]:
         """Counters of the composer and of every output (merged; names do not collide)."""
-        merged = {"events": self.events_started, "clock_resyncs": self.clock_resyncs}
+        merged = {"events": self.events_started, "clock_resyncs": self.clock_resyncs,
+                  "publish_unencodable": self.unencodable}
         for output in self.outputs:
             merged.update(output.stats())
         if self.output_errors:

@@ -369,7 +369,8 @@ class Processor:
         meter = self.meter
         return {"samples": self.samples, "frames": self.frames, "windows": self.windows,
                 "events_suppressed": self.events.suppressed,
-                "nonfinite_samples": meter.nonfinite_total, "clipped_samples": meter.clipped_total}
+                "nonfinite_samples": meter.nonfinite_total, "clipped_samples": meter.clipped_total,
+                "levels_clamped": meter.clamped_levels_total}
 
     def inference_stats(self) -> tuple[float, float]:
         """(median, max) inference milliseconds over recent windows, then start afresh."""

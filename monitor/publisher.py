@@ -5,6 +5,8 @@ A slow or dead subscriber fills its own queue up to ``send_hwm``; ZeroMQ then dr
 messages for that subscriber only, so one stuck dashboard cannot starve the pager.
 Those per-subscriber drops are invisible to a PUB socket by design: subscribers see
 them as gaps in ``seq``. ``dropped`` counts what this side could not send at all.
+A message that cannot be encoded (a non-finite number: a bug upstream) is counted in
+``unencodable`` and gives its ``seq`` back, so subscribers never mistake it for loss.
 
 With a journal, every `Event` is written to disk (fsync) *before* it is sent, so a
 subscriber that missed it asks the catch-up endpoint; `seq` continues after the
@@ -21,10 +23,10 @@ import zmq
 
 from monitor.catchup import CatchupServer
 from monitor.config import Config, check_endpoint
-from monitor.errors import ConfigError
+from monitor.errors import ConfigError, MessageError
 from monitor.journal import SEQ_BLOCK, Journal
 from monitor.keys import CurveServer, require_safe
-from monitor.messages import Event, Message, encode
+from monitor.messages import Event, Message, decode, encode
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,9 @@ class Publisher:
         self._reserved = self._seq
         self.sent = 0
         self.dropped = 0
+        """Messages ZeroMQ refused (seq gaps at every subscriber)."""
+        self.unencodable = 0
+        """Messages that could not be encoded; their seq was given back (no gap)."""
 
     def wait_for_subscriber(self, timeout_s: float) -> bool:
         """Block until a subscription arrives (batch runs that must not lose the first
@@ -87,15 +92,19 @@ class Publisher:
         return {"sensor_id": self.sensor_id, "seq": self._seq, "ts": time.time()}
 
     def send(self, message: Message) -> bool:
-        """Send without blocking; returns False (and counts a drop) when ZeroMQ refuses."""
+        """Send without blocking; returns False (and counts a drop) when ZeroMQ refuses, or
+        (counted as `unencodable`) when the message cannot be encoded."""
         try:
             frames = encode(message)
         except ValueError as err:  # e.g. NaN in a field: a bug upstream, never a crash here
-            self.dropped += 1
-            logger.warning("unsendable %s message dropped: %s", message.TYPE, err)
+            self.unencodable += 1
+            self.give_back(message.seq)
+            logger.warning("unencodable %s message not sent: %s", message.TYPE, err)
             return False
         if self._journal is not None and isinstance(message, Event):
-            self._journal.append(message.sensor_id, message.seq, message.ts, frames)
+            self._journal.append(message.sensor_id, message.seq, message.ts, frames,
+                                 opens=message.event_id if message.phase == "start" else None,
+                                 closes=message.event_id if message.phase == "end" else None)
         try:
             self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -113,6 +122,28 @@ class Publisher:
         message: Message = cls(**self.next_header(), **fields)
         self.send(message)
         return message
+
+    def open_events(self) -> list[Event]:
+        """The `start` of every event the journal shows started and never ended (a killed
+        run's); empty without a journal. Unreadable rows are logged and skipped."""
+        if self._journal is None:
+            return []
+        starts = []
+        for topic, body in self._journal.open_events(self.sensor_id):
+            try:
+                message = decode([topic, body])
+            except MessageError as err:
+                logger.error("journal: unreadable open event of %s: %s", self.sensor_id, err)
+                continue
+            if isinstance(message, Event):
+                starts.append(message)
+        return starts
+
+    def give_back(self, seq: int) -> None:
+        """`seq`, the latest number, was not used (its message could not be encoded): the
+        next message takes it, so subscribers see no gap."""
+        if seq == self._seq:
+            self._seq -= 1
 
     def close(self) -> None:
         self._socket.close()

@@ -99,11 +99,16 @@ def _wav_data_frames(path: Path) -> int | None:
         return None
 
 
-def truncation_warning(path: Path, read: int, promised: int | None) -> str | None:
-    """The one line that names a file cut short: how much was read of how much promised."""
-    if promised is None or read >= promised:
-        return None
-    return f"{path}: ended after {read} of {promised} frames the header promised"
+def truncation_warning(path: Path, read: int, promised: int | None,
+                       error: BaseException | None = None) -> str | None:
+    """The one line that names a file cut short or damaged: how much was read of how much
+    its header promised, and the decoder's error if one stopped it; None if it is whole."""
+    cause = "" if error is None else f" ({_one_line(error)})"
+    if promised is not None and (read < promised or error is not None):
+        return f"{path}: ended after {read} of {promised} frames the header promised{cause}"
+    if error is not None:
+        return f"{path}: read error after {read} frames{cause}"
+    return None
 
 
 @dataclass
@@ -289,8 +294,8 @@ class FileSource(_ThreadedSource):
                     self._block_frames, dtype="float32", always_2d=True, out=self._block
                 )
             except (sf.SoundFileError, OSError, RuntimeError) as err:
-                self._fail(f"{self.path}: read error after {self.frames_read} frames: "
-                           f"{_one_line(err)}")
+                self._fail(truncation_warning(self.path, self.frames_read,
+                                              self._declared_frames, err) or str(err))
                 logger.warning("%s", self._last_error)
                 return
             n = got.shape[0]

@@ -31,10 +31,14 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def config_file(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A daemon config on the tiny model: fast stride, top-2 scores, frequent status."""
-    path = tmp_path_factory.mktemp("config") / "config.yaml"
-    path.write_text(f"sensor_id: test-room\nmodel:\n  path: {tiny_model}\n  stride_ms: 50\n"
-                    "  top_k: 2\npublish:\n  status_interval_s: 0.5\n")
+    """A daemon config on the tiny model: fast stride, top-2 scores, frequent status. Each
+    test gets its own state_dir: a daemon killed by one test leaves its open events in its
+    own journal, not in the next test's (a start closes those, see `close_open_events`)."""
+    folder = tmp_path_factory.mktemp("config")
+    path = folder / "config.yaml"
+    path.write_text(f"sensor_id: test-room\nstate_dir: {folder / 'state'}\nmodel:\n"
+                    f"  path: {tiny_model}\n  stride_ms: 50\n  top_k: 2\npublish:\n"
+                    "  status_interval_s: 0.5\n")
     return path

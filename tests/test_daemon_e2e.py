@@ -185,12 +185,21 @@ def test_bad_samples_are_cleaned_and_counted(shared_data: Path, config_file: Pat
     audio[1000:1100] = np.nan
     audio[5000:5010] = np.inf
     audio[9000:9400] = 1.0  # clipped
+    audio[20000:20400] = 1e30  # finite, but its square is not in float32
     path = tmp_path / "bad.wav"
     sf.write(str(path), audio, RATE, subtype="FLOAT")
     messages, _ = run_to_end(config_file, f"file:{path}", f"ipc://{tmp_path}/d.sock", "--fast")
     final = of(messages, Status)[-1]
     assert final.counters["nonfinite_samples"] == 110
-    assert final.counters["clipped_samples"] >= 400
+    assert final.counters["clipped_samples"] >= 800
+    # No level went missing: each is finite (clamped, counted) and seq has no gap.
+    assert final.counters["levels_clamped"] >= 2
+    assert final.counters["publish_unencodable"] == final.counters["publish_dropped"] == 0
+    levels = of(messages, Level)
+    assert len(levels) == audio.shape[0] // (RATE // 10)
+    assert max(lv.peak_dbfs for lv in levels) == 120.0
+    seqs = [m.seq for m in messages]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     assert all(np.isfinite(s.top[0][1]) for s in of(messages, Scores))
     assert any(abs(st.dc_offset - 0.2) < 0.05 for st in of(messages, Status))
 

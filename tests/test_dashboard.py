@@ -15,14 +15,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 import soundfile as sf
 from rich.console import Console
 
-from monitor.dashboard import handle_key, render_screen, render_snapshot
+from monitor.dashboard import _event_cells, handle_key, render_screen, render_snapshot
 from monitor.dashboard_state import DashboardState
-from monitor.messages import Anomaly, Event, Level, Message, Scores, Status, encode
+from monitor.messages import Anomaly, Event, Level, Message, Scores, Status, decode, encode
 
 RATE = 16000
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +102,12 @@ def test_event_log_newest_first_with_durations_and_highlight() -> None:
     state.ingest(a.event("e2", "Cough", "end", onset_s=5.0, offset_s=6.0), now=20.0)
     assert state.visible_events()[0].event_id == "e2"
     assert state.sensors["a"].last_event is state.visible_events()[0]
+    # An event closed by a restart (end unknown) is no longer "ongoing".
+    state.ingest(frames(msgspec.structs.replace(decode(b.event("e1", "Glass", "end", onset_s=2.0)),
+                                reason="restart")), now=21.0)
+    glass = next(r for r in state.visible_events() if r.label == "Glass")
+    assert glass.duration_s is None and glass.ended and glass.end_reason == "restart"
+    assert "ended (restart)" in _event_cells(glass, new=False)
 
 
 def test_class_and_sensor_filters_cycle() -> None:

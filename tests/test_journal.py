@@ -11,6 +11,7 @@ import zmq
 from monitor.catchup import CatchupClient, CatchupServer
 from monitor.journal import SEQ_BLOCK, Journal, JournalReader
 from monitor.messages import Event, Level, decode
+from monitor.outputs import Composer, ZmqOutput
 from monitor.publisher import Publisher
 
 
@@ -46,6 +47,49 @@ def test_events_are_journaled_before_sending_and_seq_survives_restart(tmp_path: 
     assert first.seq <= sent[0].seq + SEQ_BLOCK + 1
     restarted.close()
     again.close()
+
+
+def test_events_left_open_are_closed_once_at_the_next_start(tmp_path: Path) -> None:
+    """A run killed mid-event (nothing closed: the publisher just disappears) leaves it open
+    in the journal; the next start publishes its `end` with reason "restart", once."""
+    path = tmp_path / "journal.db"
+    journal = Journal(path, max_age_days=1, max_mb=10)
+    publisher = Publisher(f"ipc://{tmp_path}/p.sock", sensor_id="s1", send_hwm=10,
+                          journal=journal)
+    started = [publisher.publish(Event, **event_fields(i)) for i in range(3)]
+    publisher.publish(Event, **{**event_fields(1), "phase": "end", "offset_s": 1.0,
+                                "offset_time": time.time()})
+    publisher.close()
+    journal.close()
+    for attempt in range(2):
+        again = Journal(path, max_age_days=1, max_mb=10)
+        restarted = Publisher(f"ipc://{tmp_path}/p.sock", sensor_id="s1", send_hwm=10,
+                              journal=again)
+        other = Publisher(f"ipc://{tmp_path}/q.sock", sensor_id="s2", send_hwm=10,
+                          journal=again)
+        assert other.open_events() == []  # another sensor's events are its own
+        left_open = restarted.open_events()
+        composer = Composer([ZmqOutput(restarted)], header=restarted.next_header,
+                            give_back=restarted.give_back, sample_rate=16000, top_k=1,
+                            classes=("Cough",), mel_bands=4, n_mels=64)
+        closed = composer.close_left_open(left_open)
+        restarted.close()
+        other.close()
+        again.close()
+        if attempt == 0:
+            assert closed == 2 and left_open == [started[0], started[2]]
+        else:
+            assert closed == 0, "closed twice"
+    reader = JournalReader(path)
+    ends = [decode(list(r)) for r in reader.since("s1", started[-1].seq + 1, limit=100)]
+    reader.close()
+    assert [(e.event_id, e.phase, e.end_reason) for e in ends] == [  # type: ignore[union-attr]
+        ("e0", "end", "restart"), ("e2", "end", "restart")]
+    for end, start in zip(ends, (started[0], started[2]), strict=True):
+        assert isinstance(end, Event) and isinstance(start, Event)
+        assert (end.label, end.onset_s, end.onset_time, end.peak_score, end.threshold) == \
+            (start.label, start.onset_s, start.onset_time, start.peak_score, start.threshold)
+        assert end.offset_s is None and end.offset_time is None
 
 
 def test_journal_is_bounded_by_age_and_size(tmp_path: Path) -> None:

@@ -28,6 +28,9 @@ def samples() -> list[object]:
         Event(**HEADER, event_id="x-mf-1", label="machine_fault", phase="end", onset_s=1.0,
               offset_s=9.0, onset_time=1.0, offset_time=9.0, peak_score=4.0, threshold=2.5,
               machine="pump-1"),
+        Event(**HEADER, event_id="x-fall-2", label="fall", phase="end", onset_s=1.0,
+              offset_s=None, onset_time=1.0, offset_time=None, peak_score=0.9, threshold=0.5,
+              reason="restart"),
     ]
 
 
@@ -37,6 +40,14 @@ def test_round_trip(message: object) -> None:
     assert decode(frames) == message
     body = json.loads(frames[1])
     assert body["v"] == 1 and body["sensor_id"] == "room-101" and body["seq"] == 7
+
+
+def test_reason_is_left_out_when_null_for_older_decoders() -> None:
+    """`reason` came after schema 1 shipped: a decoder that refuses unknown fields (ours
+    before it) still decodes every event that has none."""
+    plain, restart = samples()[0], samples()[-1]
+    assert "reason" not in json.loads(encode(plain)[1])  # type: ignore[arg-type]
+    assert json.loads(encode(restart)[1])["reason"] == "restart"  # type: ignore[arg-type]
 
 
 def test_event_topic_is_a_prefix_friendly_slug() -> None:

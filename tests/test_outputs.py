@@ -50,8 +50,8 @@ def test_outputs_share_numbered_messages_and_a_broken_one_is_counted(tmp_path: P
     assert publisher.wait_for_subscriber(5)
     recorder = Recorder()
     composer = Composer([ZmqOutput(publisher), Broken(), recorder], header=publisher.next_header,
-                        sample_rate=RATE, top_k=1, classes=("cough", "other"), mel_bands=4,
-                        n_mels=64)
+                        give_back=publisher.give_back, sample_rate=RATE, top_k=1,
+                        classes=("cough", "other"), mel_bands=4, n_mels=64)
     composer.anchor(0, now=1000.0, caught_up=False)
     try:
         composer.on_scores(RATE, np.array([0.9, 0.1], dtype=np.float32), 0.25)
@@ -71,3 +71,26 @@ def test_outputs_share_numbered_messages_and_a_broken_one_is_counted(tmp_path: P
     stats = composer.stats()
     assert stats["output_errors"] == 2 and stats["recorder_messages"] == 2
     assert stats["publish_sent"] == 2 and stats["events"] == 1
+
+
+def test_an_unencodable_message_reaches_no_output_and_leaves_no_seq_gap(tmp_path: Path) -> None:
+    """A non-finite number (a bug upstream) is counted in `publish_unencodable`; its number
+    is given back, so the next message takes it and subscribers see no loss."""
+    context = zmq.Context()
+    publisher = Publisher(f"ipc://{tmp_path}/p.sock", sensor_id="s", send_hwm=100,
+                          context=context)
+    recorder = Recorder()
+    composer = Composer([ZmqOutput(publisher), recorder], header=publisher.next_header,
+                        give_back=publisher.give_back, sample_rate=RATE, top_k=1,
+                        classes=("cough", "other"), mel_bands=4, n_mels=64)
+    try:
+        composer.on_scores(RATE, np.array([0.9, 0.1], dtype=np.float32), 0.25)
+        composer.publish(Scores, t_audio_s=float("nan"), top=[])
+        composer.on_scores(2 * RATE, np.array([0.9, 0.1], dtype=np.float32), 0.25)
+    finally:
+        publisher.close()
+        context.term()
+    assert [m.seq for m in recorder.messages] == [1, 2]
+    stats = composer.stats()
+    assert stats["publish_unencodable"] == 1 and stats["publish_sent"] == 2
+    assert stats["publish_dropped"] == 0

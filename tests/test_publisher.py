@@ -109,14 +109,23 @@ def test_subscriber_dying_does_not_hurt_the_publisher(tmp_path: Path) -> None:
         context.term()
 
 
-def test_unsendable_message_is_counted_not_raised(tmp_path: Path) -> None:
+def test_unencodable_message_is_counted_not_raised_and_leaves_no_seq_gap(
+        tmp_path: Path) -> None:
     context = zmq.Context()
-    publisher = Publisher(f"ipc://{tmp_path}/pub.sock", sensor_id="a", send_hwm=10,
-                          context=context)
+    endpoint = f"ipc://{tmp_path}/pub.sock"
+    publisher = Publisher(endpoint, sensor_id="a", send_hwm=10, context=context)
+    sub = connect_sub(context, endpoint)
     try:
+        wait_until_subscribed(publisher, sub)
+        sent = publisher.sent
+        first = publisher.publish(Level, **level_fields())
         publisher.publish(Level, t_audio_s=0.0, rms_dbfs=float("nan"), peak_dbfs=0.0, mel=[])
-        assert publisher.dropped == 1
+        last = publisher.publish(Level, **level_fields())
+        assert (publisher.unencodable, publisher.dropped, publisher.sent - sent) == (1, 0, 2)
+        got = [decode(sub.recv_multipart()).seq for _ in range(2)]
+        assert got == [first.seq, first.seq + 1] == [first.seq, last.seq]  # no gap
     finally:
+        sub.close()
         publisher.close()
         context.term()
 

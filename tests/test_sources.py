@@ -97,25 +97,48 @@ def test_file_source_stop_mid_file_is_prompt(stereo_wav: tuple[Path, np.ndarray]
     assert src.exhausted  # the thread has finished writing
 
 
-def test_truncated_flac_ends_with_last_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("suffix", "subtype"), [("flac", "PCM_16"), ("wav", "PCM_16"),
+                                               ("wav", "FLOAT")])
+def test_truncated_file_ends_with_one_line_naming_read_of_promised(
+        tmp_path: Path, suffix: str, subtype: str) -> None:
+    """Cut in transfer: a FLAC's decoder notices; a WAV reads cleanly to the cut (libsndfile
+    trusts the file's length), so its header's promise is checked. Same line for both."""
     clip, rate = _real_clip()
-    good = tmp_path / "good.flac"
-    sf.write(good, clip, rate, subtype="PCM_16")
+    good = tmp_path / f"good.{suffix}"
+    sf.write(good, clip, rate, subtype=subtype)
     data = good.read_bytes()
-    bad = tmp_path / "truncated.flac"
+    bad = tmp_path / f"truncated.{suffix}"
     bad.write_bytes(data[: len(data) // 2])
     src = FileSource(bad, realtime=False, ring_seconds=0.5, block_ms=10)
     src.start()
     got = _drain(src)  # must not raise, must end
     src.stop()
     assert src.exhausted
-    assert src.last_error is not None and "truncated.flac" in src.last_error
-    assert "\n" not in src.last_error
+    assert src.last_error is not None and "\n" not in src.last_error
+    assert src.last_error.startswith(f"{bad}: ended after {src.frames_read} of {clip.shape[0]} "
+                                     "frames the header promised"), src.last_error
     assert src.counters.errors == 1
     # What decoded before the damage is the real audio, in order.
     decoded, _ = sf.read(good, dtype="float32")
     assert 0 < got.shape[0] < decoded.shape[0]
     np.testing.assert_array_equal(got, decoded[: got.shape[0]])
+
+
+def test_whole_wav_and_streamed_wav_are_not_called_truncated(tmp_path: Path) -> None:
+    clip, rate = _real_clip()
+    whole = tmp_path / "whole.wav"
+    sf.write(whole, clip[:rate], rate, subtype="PCM_16")
+    streamed = tmp_path / "streamed.wav"  # a WAV written to a pipe: size fields 0xFFFFFFFF
+    data = bytearray(whole.read_bytes())
+    data[4:8] = data[40:44] = b"\xff\xff\xff\xff"
+    assert data[36:40] == b"data"
+    streamed.write_bytes(bytes(data))
+    for path in (whole, streamed):
+        src = FileSource(path, realtime=False, ring_seconds=0.5, block_ms=10)
+        src.start()
+        assert _drain(src).shape[0] == rate
+        src.stop()
+        assert src.last_error is None, src.last_error
 
 
 def test_file_source_open_errors_name_the_file(tmp_path: Path) -> None:

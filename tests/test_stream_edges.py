@@ -7,6 +7,7 @@ and every window that holds real audio is scored, however short the stream.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +194,31 @@ def test_analyze_finds_the_same_in_a_raw_clip_as_in_the_clip_padded_with_silence
             differ.append((name, labels))
     assert not differ
     assert found >= 18, f"only {found} of 54 cuts raised an event: the test shows nothing"
+
+
+def test_analyze_names_a_short_file_and_a_truncated_one(shared_data: Path, config_file: Path,
+                                                        tmp_path: Path) -> None:
+    """One warning line each: what the file holds and what was done with it."""
+    import subprocess
+    import sys
+
+    clip = real_clip(shared_data)
+    short = tmp_path / "short.wav"
+    sf.write(str(short), clip[:round(0.2 * RATE)], RATE, subtype="PCM_16")  # window: 0.255 s
+    whole = tmp_path / "whole.wav"
+    sf.write(str(whole), clip, RATE, subtype="PCM_16")
+    cut = tmp_path / "cut.wav"
+    data = whole.read_bytes()
+    cut.write_bytes(data[:44 + 2 * RATE // 2])  # header + 0.5 s of the 1 s promised
+    result = subprocess.run(
+        [sys.executable, "-m", "monitor", "analyze", "--config", str(config_file), str(short),
+         str(cut), str(whole)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 2, result.stderr
+    assert re.fullmatch(f"audio-monitor: warning: {short}: holds 0.200 s of audio, less than "
+                        r"one 0.255 s window: padded with silence and scored \((\d+) windows\)",
+                        warnings[0]), warnings[0]
+    assert warnings[1] == (f"audio-monitor: warning: {cut}: ended after {RATE // 2} of "
+                           f"{clip.shape[0]} frames the header promised")
+    assert int(re.findall(r"\d+", warnings[0].rsplit("(", 1)[1])[0]) >= 5

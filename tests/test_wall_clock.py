@@ -18,8 +18,9 @@ def sink(tmp_path: Path):  # type: ignore[no-untyped-def]
     context = zmq.Context()
     publisher = Publisher(f"ipc://{tmp_path}/p.sock", sensor_id="s", send_hwm=10,
                           context=context)
-    yield Composer([ZmqOutput(publisher)], header=publisher.next_header, sample_rate=RATE,
-                   top_k=1, classes=("a",), mel_bands=4, n_mels=64)
+    yield Composer([ZmqOutput(publisher)], header=publisher.next_header,
+                   give_back=publisher.give_back, sample_rate=RATE, top_k=1, classes=("a",),
+                   mel_bands=4, n_mels=64)
     publisher.close()
     context.term()
 
