@@ -32,6 +32,7 @@ from monitor.config import load_config
 from monitor.detector import Detector
 from monitor.errors import ConfigError
 from monitor.events import ClassEventLogic, ClassRule
+from monitor.learn import read_file
 from monitor.sources import FileSource
 
 RATE = 16000
@@ -270,3 +271,58 @@ def test_thresholds_respect_the_configs_own_rule(model: Path, room: Path,
                         f"      threshold: {snippet['events']['classes']['loud']['threshold']}\n")
     calibrated = load_config(merged)
     assert analyze(room, config=calibrated, detector=detector).events == []
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "events.onnx"
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(),
+                    reason="models/events.onnx absent: run `audio-monitor fetch-models`")
+def test_shipped_model_calibration_agrees_with_analyze(shared_data: Path,
+                                                       tmp_path: Path) -> None:
+    """On the shipped model and its tuned rules (N-of-M for falls), the counts calibration
+    replays are the counts `analyze` finds with the card's and with the written thresholds."""
+    extra = shared_data / "extra"
+    if not extra.is_dir():
+        pytest.skip(f"{extra} absent (speech and everyday sounds)")
+    clips = sorted((shared_data / "safe" / "non_fall").glob("*.flac"))[:30] + \
+        sorted((extra / "esc50").rglob("*.*"))[::8][:30] + \
+        sorted((extra / "ravdess").rglob("*.flac"))[::40][:30]  # 5 min of everyday sounds
+    audio = np.concatenate([read_file(p, rate=RATE) for p in clips])
+    stream = tmp_path / "life.wav"
+    sf.write(str(stream), audio, RATE, subtype="FLOAT")
+    config = load_config(None, overrides={"model.path": str(SHIPPED)})
+    detector = Detector(SHIPPED)
+    target = 100.0  # per hour: 8 events in these 5 min
+    heard, results = calibrate(config, detector,
+                               FileSource(stream, realtime=False, ring_seconds=4.0,
+                                          block_ms=10.0),
+                               seconds=None, target=target, stop=threading.Event())
+    assert heard.samples == audio.shape[0]
+    at_card = analyze(stream, config=config, detector=detector).events
+    snippet = yaml_snippet(results, heard, target=target, source="life")
+    calibrated = load_config(config_for(tmp_path, SHIPPED, snippet))
+    found = analyze(stream, config=calibrated, detector=detector).events
+    for r in results:
+        assert r.card_events == sum(e.label == r.name for e in at_card), r
+        assert r.events == sum(e.label == r.name for e in found), r
+        assert r.threshold >= r.card_threshold
+        if r.reached:
+            assert r.events <= target * heard.hours
+
+
+def test_microphone_errors_are_one_line_and_exit_2(model: Path, tmp_path: Path) -> None:
+    config = str(config_for(tmp_path, model))
+    missing = cli("calibrate", "--config", config, "--source", "mic:no-such-microphone-xyz",
+                  "--duration", "1m")
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("audio-monitor: error: no input device matching "
+                                     "'no-such-microphone-xyz'")
+    assert missing.stderr.count("\n") == 1
+    endless = cli("calibrate", "--config", config, "--source", "mic")
+    assert endless.returncode == 2
+    assert endless.stderr == ("audio-monitor: error: --duration: needed with a microphone "
+                              "source (e.g. --duration 8h)\n")
+    nowhere = cli("calibrate", "--config", config, "--source", "stdin", "--out",
+                  str(tmp_path / "no" / "such" / "t.yaml"))
+    assert nowhere.returncode == 2 and nowhere.stderr.startswith("audio-monitor: error: --out")
