@@ -133,6 +133,8 @@ class Heard:
     sample_rate: int
     stopped_by: str
     """'duration', 'end of source', 'signal' or 'device' (a microphone that needs a restart)."""
+    source_error: str | None = None
+    """The source's last run-time problem (a damaged file, a device that dropped out)."""
 
     @property
     def hours(self) -> float:
@@ -210,7 +212,7 @@ def listen(config: Config, detector: Detector, source: Source, *, seconds: float
         logger.warning("calibrate: %d samples were lost in ring overruns (processing fell "
                        "behind the source); they were not heard", ring.overrun_samples)
     return Heard(recorder=recorder, samples=processor.samples, sample_rate=timing.sample_rate,
-                 stopped_by=stopped_by), processor
+                 stopped_by=stopped_by, source_error=source.last_error), processor
 
 
 # --- choosing thresholds ----------------------------------------------------------------
@@ -357,6 +359,8 @@ def summary(results: list[ClassResult], heard: Heard, *, target: float, asked_s:
         why = {"signal": "stopped by a signal", "end of source": "the source ended",
                "device": "the device failed"}[heard.stopped_by]
         lines[0] += f", of {asked_s / 3600:.3f} h asked: {why}"
+    if heard.source_error is not None:
+        lines.append(f"source: {heard.source_error}")
     lines.append(f"target: at most {target:g} false alarms per hour (everything heard counts "
                  "as a false alarm)")
     header = (f"{'class':<14}{'card thr':>9}{'FA/h':>9}{'chosen':>9}{'FA/h':>9}"

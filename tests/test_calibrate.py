@@ -131,6 +131,20 @@ def test_a_file_shorter_than_asked_reports_the_hours_heard(room: Path, tiny_mode
     assert 0.5 <= snippet["events"]["classes"]["loud"]["threshold"] <= 0.999
 
 
+def test_a_truncated_recording_is_named_and_calibrated_on_what_it_holds(
+        room: Path, model: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.wav"
+    data = room.read_bytes()
+    cut.write_bytes(data[:len(data) // 3])  # a copy that stopped a third of the way in
+    result = cli("calibrate", "--config", str(config_for(tmp_path, model)), "--source",
+                 str(cut))
+    assert result.returncode == 0, result.stderr
+    heard = result.stdout.splitlines()[0]
+    assert heard.startswith("calibrate: heard 0.008 h (0:00:30.0)"), heard
+    assert f"source: {cut}: ended after" in result.stdout
+    assert "frames the header promised" in result.stdout
+
+
 def test_duration_stops_listening(room: Path, model: Path) -> None:
     config = load_config(config_for(room.parent, model))
     detector = Detector(config.model.path)
