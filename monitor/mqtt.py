@@ -46,11 +46,11 @@ from monitor.errors import ConfigError, MessageError
 from monitor.journal import JournalReader
 from monitor.messages import Anomaly, Event, Level, Message, Scores, Status, class_slug, decode
 from monitor.messages import encode as encode_frames
+from monitor.mqtt_discovery import OFFLINE, ONLINE, discovery_messages
 from monitor.outputs import Catalog, Output
 
 logger = logging.getLogger(__name__)
 
-ONLINE, OFFLINE = "online", "offline"
 CLOSE_FLUSH_S = 2.0
 """On close: at most this long for queued events to be acknowledged."""
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -188,11 +188,10 @@ class MqttOutput(Output):
     # --- processing thread ---------------------------------------------------------------
 
     def announce(self, catalog: Catalog) -> None:
-        """What discovery announces: at every connect, and now if connected."""
+        """What discovery announces, at every connect; the daemon is built: `online`."""
         self.catalog = catalog
-        if self.connected and self.settings.discovery:
-            self._publish_discovery()
-            self._publish(self.availability_topic, ONLINE, qos=1, retain=True)
+        if self.connected:
+            self._say_online()
 
     def send(self, message: Message) -> None:
         if isinstance(message, Event):
@@ -282,14 +281,13 @@ class MqttOutput(Output):
             self._stored = delivered
 
     def stats(self) -> dict[str, int]:
-        with self._lock:
-            pending = sum(seq is not None for seq in self._pending.values())
         return {"mqtt_sent": self.sent, "mqtt_acked": self.acked, "mqtt_dropped": self.dropped,
-                "mqtt_connects": self.connects, "mqtt_events_pending": pending,
-                "mqtt_replayed": self.replayed}
+                "mqtt_connects": self.connects, "mqtt_replayed": self.replayed}
 
     def pending_events(self) -> int:
-        return self.stats()["mqtt_events_pending"]
+        """Events handed to paho that the broker has not acknowledged yet."""
+        with self._lock:
+            return sum(seq is not None for seq in self._pending.values())
 
     def close(self) -> None:
         """Say offline (retained), give queued events CLOSE_FLUSH_S to be acknowledged,
@@ -343,8 +341,12 @@ class MqttOutput(Output):
         self.connected = True
         logger.info("mqtt: connected to %s:%d as %s", self.settings.host, self.settings.port,
                     self.client_id)
-        # Entities and state before `online`: whoever sees `online` finds them retained.
-        if self.settings.discovery and self.catalog is not None:
+        if self.catalog is not None:  # else `announce` says online once the daemon is built
+            self._say_online()
+
+    def _say_online(self) -> None:
+        """Entities and state before `online`: whoever sees `online` finds them retained."""
+        if self.settings.discovery:
             self._publish_discovery()
         if self._last_status is not None:
             self._publish(f"{self.base}/status", self._last_status, qos=1, retain=True)
@@ -360,51 +362,8 @@ class MqttOutput(Output):
     # --- Home Assistant discovery --------------------------------------------------------
 
     def _publish_discovery(self) -> None:
-        for topic, config in discovery_messages(self):
+        assert self.catalog is not None
+        for topic, config in discovery_messages(
+                self.settings, sensor_id=self.sensor_id, base=self.base, node=self.node,
+                availability_topic=self.availability_topic, catalog=self.catalog):
             self._publish(topic, json.dumps(config, separators=(",", ":")), qos=1, retain=True)
-
-
-def discovery_messages(output: MqttOutput) -> list[tuple[str, dict[str, Any]]]:
-    """(config topic, payload) of every Home Assistant entity of this sensor: one
-    `binary_sensor` per event class and per machine fault, `sensor`s for the level, each
-    machine's anomaly score and the pipeline state, all under one device."""
-    catalog = output.catalog
-    assert catalog is not None
-    settings, base, node = output.settings, output.base, output.node
-    prefix = settings.discovery_prefix.strip("/")
-    device = {"identifiers": [node], "name": f"audio-monitor {output.sensor_id}",
-              "manufacturer": "audio-monitor", "model": catalog.model}
-    common = {"availability_topic": output.availability_topic, "payload_available": ONLINE,
-              "payload_not_available": OFFLINE, "device": device}
-    messages: list[tuple[str, dict[str, Any]]] = []
-
-    def add(component: str, object_id: str, **entity: Any) -> None:
-        unique = f"{node}_{object_id}"
-        messages.append((f"{prefix}/{component}/{node}/{object_id}/config",
-                         {"unique_id": unique, "object_id": unique, **entity, **common}))
-
-    for label in catalog.classes:
-        slug = class_slug(label)
-        add("binary_sensor", slug, name=label, device_class="sound",
-            state_topic=f"{base}/event/{slug}", json_attributes_topic=f"{base}/event/{slug}",
-            value_template="{{ value_json.phase }}", payload_on="start", payload_off="end")
-    for machine in catalog.machines:
-        slug = class_slug(machine)
-        topic = f"{base}/event/machine_fault/{slug}"
-        add("binary_sensor", f"{slug}_fault", name=f"{machine} fault", device_class="problem",
-            state_topic=topic, json_attributes_topic=topic,
-            value_template="{{ value_json.phase }}", payload_on="start", payload_off="end")
-        if settings.level_hz > 0:
-            add("sensor", f"{slug}_anomaly", name=f"{machine} anomaly score",
-                state_topic=f"{base}/anomaly/{slug}", value_template="{{ value_json.score }}",
-                state_class="measurement")
-    if settings.level_hz > 0:
-        add("sensor", "level", name="Level", state_topic=f"{base}/level",
-            value_template="{{ value_json.rms_dbfs }}", unit_of_measurement="dBFS",
-            state_class="measurement")
-    add("sensor", "state", name="State", state_topic=f"{base}/status",
-        value_template="{{ value_json.state }}", entity_category="diagnostic")
-    add("sensor", "inference", name="Inference time", state_topic=f"{base}/status",
-        value_template="{{ value_json.inference_ms_p50 }}", unit_of_measurement="ms",
-        state_class="measurement", entity_category="diagnostic")
-    return messages
