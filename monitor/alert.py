@@ -23,12 +23,15 @@ import concurrent.futures
 import datetime
 import json
 import logging
+import queue
+import sqlite3
 import string
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +42,12 @@ import zmq
 from msgspec import Meta
 from msgspec.structs import replace
 
-from monitor.catchup import CatchupClient
+from monitor.catchup import CatchupClient, ReplyHeader
 from monitor.config import MqttConfig, MqttTlsConfig, TopicPrefix, read_yaml_mapping
 from monitor.errors import ConfigError, MessageError
 from monitor.keys import apply_client
 from monitor.messages import Event, Status, decode
-from monitor.outbox import Item, Outbox
+from monitor.outbox import Item, Outbox, StateLock
 from monitor.schema import (
     PATTERN_HINTS,
     Endpoint,
@@ -335,11 +338,46 @@ class SensorState:
     last_seq: int
     catchup_at: float = 0.0
     """When to ask this sensor's catch-up next (0: at the next heartbeat)."""
+    catchup_pending: bool = False
+    """A request is out (answered through `CatchupWorker.results`)."""
     offline: bool = False
 
 
+@dataclass
+class Health:
+    """`running` or `degraded` with what went wrong and what to do (`last_error`)."""
+
+    name: str
+    state: str = "running"
+    last_error: str | None = None
+    failures: int = 0
+    failed_at: float = 0.0
+
+    def failed(self, text: str, now: float) -> None:
+        self.failures += 1
+        self.failed_at = now
+        if self.state != "degraded" or self.failures % 100 == 0:
+            logger.error("%s degraded (%d failures so far): %s", self.name, self.failures, text)
+        self.state, self.last_error = "degraded", text
+
+    def settle(self, now: float, *, quiet_s: float = 5.0) -> None:
+        """Back to `running` once nothing has failed for `quiet_s`."""
+        if self.state == "degraded" and now - self.failed_at >= quiet_s:
+            logger.warning("%s running again (was: %s)", self.name, self.last_error)
+            self.state, self.last_error = "running", None
+
+
+def state_error(path: Path, err: BaseException) -> str:
+    """`last_error` for a failing state file: which file, what, and the cure."""
+    return (f"state {path}: {type(err).__name__}: {err}; events are judged again from the "
+            f"sensors' journals once it is writable (free disk space, or make {path.parent} "
+            "writable); if it is damaged, stop the daemon and move the file aside")
+
+
 class Dispatcher:
-    """Runs due outbox rows in its own thread; webhooks/commands in a worker pool."""
+    """Runs due outbox rows in its own thread. Webhooks and commands run in one worker pool
+    per destination (action), each of `workers` threads with the action's own timeout, so
+    a destination that hangs holds up only its own alerts."""
 
     def __init__(self, config: AlertConfig, *, context: zmq.Context[Any],
                  clock: Callable[[], float] = time.time) -> None:
@@ -354,8 +392,10 @@ class Dispatcher:
         self.failed = 0
         self.expired = 0
         self.bound_endpoint = ""
+        self.health = Health("alert dispatcher")
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self._error: BaseException | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
         self._conns: list[Outbox] = []
@@ -365,72 +405,114 @@ class Dispatcher:
         self._thread.start()
         if not self._ready.wait(10):
             raise ConfigError("alert: the dispatcher did not start within 10 s")
+        if self._error is not None:
+            raise self._error
 
     def stop(self) -> None:
         self._stop.set()
         self.wake.set()
-        self._thread.join(30)
+        if self._thread.is_alive():
+            self._thread.join(30)
 
     def _run(self) -> None:
-        outbox = Outbox(self.config.state)
         pub = None
-        if self.config.publish_endpoint is not None:
-            pub = self.context.socket(zmq.PUB)
-            pub.setsockopt(zmq.LINGER, 500)
-            pub.bind(self.config.publish_endpoint)
-            self.bound_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        pool = concurrent.futures.ThreadPoolExecutor(self.config.workers,
-                                                     thread_name_prefix="alert-action")
+        try:
+            outbox = Outbox(self.config.state)
+            if self.config.publish_endpoint is not None:
+                pub = self.context.socket(zmq.PUB)
+                pub.setsockopt(zmq.LINGER, 500)
+                pub.bind(self.config.publish_endpoint)
+                self.bound_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        except (ConfigError, zmq.ZMQError) as err:
+            self._error = err if isinstance(err, ConfigError) else ConfigError(
+                f"$.publish_endpoint: cannot bind {self.config.publish_endpoint!r}: "
+                f"{err.strerror}; is another process using it?")
+            if pub is not None:
+                pub.close()
+            self._ready.set()
+            return
+        pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         busy: dict[str, concurrent.futures.Future[None]] = {}
         self._ready.set()
         try:
             while not self._stop.is_set():
-                now = self.clock()
-                for key in [k for k, f in busy.items() if f.done()]:
-                    del busy[key]  # recorded by the worker itself
-                free = self.config.workers * 2 - len(busy)
-                rows = outbox.due(now, limit=max(free, 0), busy=set(busy)) if free > 0 else []
-                for row in rows:
-                    action = self.actions.get(row["action"])
-                    if action is None:  # the rule was removed from alert.yaml
-                        outbox.failed(row["key"], now=now, error="action no longer configured",
-                                      retry_at=float("inf"))
-                        continue
-                    payload = {**row["payload"], "attempt": row["attempts"] + 1}
-                    if action.type in ("log", "publish"):
-                        self._record(outbox, row["key"], self._inline(action, payload, pub), now)
-                    else:
-                        future = pool.submit(self._work, action, payload, row["key"])
-                        future.add_done_callback(lambda _: self.wake.set())
-                        busy[row["key"]] = future
-                if rows and len(rows) == free:
+                try:
+                    more = self._step(outbox, pub, pools, busy)
+                except Exception as err:  # the state file failed: degrade, retry
+                    self.health.failed(state_error(self.config.state, err), self.clock())
+                    self._stop.wait(1.0)
+                    continue
+                self.health.settle(self.clock())
+                if more:
                     continue
                 nxt = outbox.next_due()
                 self.wake.wait(0.5 if nxt is None else min(0.5, max(0.0, nxt - self.clock())))
                 self.wake.clear()
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            for conn in self._conns:
-                conn.close()
+            for pool in pools.values():
+                pool.shutdown(wait=False, cancel_futures=True)
+            for pool in pools.values():
+                pool.shutdown(wait=True)
+            with self._lock:
+                for conn in self._conns:
+                    conn.close()
             if pub is not None:
                 pub.close()
             outbox.close()
 
+    def _step(self, outbox: Outbox, pub: zmq.Socket[Any] | None,
+              pools: dict[str, concurrent.futures.ThreadPoolExecutor],
+              busy: dict[str, concurrent.futures.Future[None]]) -> bool:
+        """Start what is due; True if there may be more right away."""
+        now = self.clock()
+        for key in [k for k, f in busy.items() if f.done()]:
+            del busy[key]  # recorded by the worker itself
+        per_action = Counter(key.rsplit("|", 1)[1] for key in busy)
+        depth = self.config.workers * 2  # queued per destination, at most
+        full = frozenset(a for a, n in per_action.items() if n >= depth)
+        limit = depth * max(1, len(self.actions))
+        rows = outbox.due(now, limit=limit, busy=set(busy), skip_actions=full)
+        for row in rows:
+            name = row["action"]
+            action = self.actions.get(name)
+            if action is None:  # the rule was removed from alert.yaml
+                outbox.failed(row["key"], now=now, error="action no longer configured",
+                              retry_at=float("inf"))
+                continue
+            payload = {**row["payload"], "attempt": row["attempts"] + 1}
+            if action.type in ("log", "publish"):
+                self._record(outbox, row["key"], self._inline(action, payload, pub), now)
+                continue
+            if per_action[name] >= depth:
+                continue
+            pool = pools.get(name)
+            if pool is None:
+                pool = pools[name] = concurrent.futures.ThreadPoolExecutor(
+                    self.config.workers, thread_name_prefix=f"alert-{name}")
+            future = pool.submit(self._work, action, payload, row["key"])
+            future.add_done_callback(lambda _: self.wake.set())
+            busy[row["key"]] = future
+            per_action[name] += 1
+        return len(rows) == limit
+
     def _work(self, action: Action, payload: dict[str, Any], key: str) -> None:
         """Worker thread: run the action and record the outcome at once (the smaller the
         gap between the two, the fewer repeats a crash can cause)."""
-        outbox = getattr(self._local, "outbox", None)
-        if outbox is None:
-            outbox = self._local.outbox = Outbox(self.config.state)
-            with self._lock:
-                self._conns.append(outbox)
-        run = run_webhook if action.type == "webhook" else run_command
         try:
-            run(action, payload, key)
-        except Exception as err:
-            self._record(outbox, key, err, self.clock())
-        else:
-            self._record(outbox, key, None, self.clock())
+            outbox = getattr(self._local, "outbox", None)
+            if outbox is None:
+                outbox = self._local.outbox = Outbox(self.config.state)
+                with self._lock:
+                    self._conns.append(outbox)
+            run = run_webhook if action.type == "webhook" else run_command
+            try:
+                run(action, payload, key)
+            except Exception as err:
+                self._record(outbox, key, err, self.clock())
+            else:
+                self._record(outbox, key, None, self.clock())
+        except Exception as err:  # the state file failed; the row stays pending: retried
+            self.health.failed(state_error(self.config.state, err), self.clock())
 
     def _inline(self, action: Action, payload: dict[str, Any],
                 pub: zmq.Socket[Any] | None) -> BaseException | None:
@@ -465,12 +547,73 @@ class Dispatcher:
             self.expired += state == "expired"
         if state == "expired":
             logger.error("alert %s expired after %d attempts: %s", key, row + 1, error)
+        elif row == 0:  # the first failure is worth a look; retries are routine
+            logger.warning("alert %s failed (%s); retry in %.1f s", key, error, delay)
         else:
-            logger.info("alert %s failed (%s); retry in %.1f s", key, error, delay)
+            logger.info("alert %s failed again (%s); retry in %.1f s", key, error, delay)
+
+
+@dataclass
+class Page:
+    """A catch-up answer for the main thread: header and pairs, or None and why not."""
+
+    sensor_id: str
+    after: int
+    header: ReplyHeader | None
+    pairs: list[list[bytes]]
+    error: str | None = None
+
+
+class CatchupWorker:
+    """Catch-up requests to one source, in its own thread: a source that does not answer
+    delays only its own sensors' catch-up, never live events or other sources."""
+
+    def __init__(self, source: Source, *, context: zmq.Context[Any]) -> None:
+        assert source.catchup is not None
+        self.source = source
+        self.context = context
+        self.results: queue.SimpleQueue[Page] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="alert-catchup", daemon=True)
+        self._thread.start()
+
+    def ask(self, sensor_id: str, after: int) -> None:
+        self._requests.put((sensor_id, after))
+
+    def stop(self) -> None:
+        self._requests.put(None)
+        self._thread.join(5)
+
+    def _client(self) -> CatchupClient:
+        assert self.source.catchup is not None
+        return CatchupClient(self.source.catchup, context=self.context,
+                             configure=self.source.configure)
+
+    def _run(self) -> None:
+        client = self._client()
+        try:
+            while (request := self._requests.get()) is not None:
+                sensor_id, after = request
+                try:
+                    page = client.fetch(sensor_id, after)
+                    error = None if page is not None else "no answer within 2 s"
+                except (MessageError, zmq.ZMQError) as err:
+                    page, error = None, str(err)
+                if page is None:  # a REQ socket is stuck after a lost reply: a fresh one
+                    client.close()
+                    client = self._client()
+                    self.results.put(Page(sensor_id, after, None, [], error))
+                else:
+                    self.results.put(Page(sensor_id, after, page[0], page[1]))
+        finally:
+            client.close()
 
 
 class AlertDaemon:
-    """Subscribes, judges, records; the dispatcher delivers. `run` returns when `stop` is set."""
+    """Subscribes, judges, records; the dispatcher delivers. `run` returns when `stop` is set.
+
+    Nothing a peer sends ends it: bad messages are counted by reason (`refusals`) and
+    dropped; a failing state file degrades it (`health`) and is retried."""
 
     def __init__(self, config: AlertConfig, *, context: zmq.Context[Any] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -480,25 +623,62 @@ class AlertDaemon:
         self.sensors: dict[str, SensorState] = {}
         self.counters = {"received": 0, "bad_messages": 0, "events": 0, "duplicates": 0,
                          "stale": 0, "catchup_requests": 0, "catchup_events": 0,
-                         "catchup_failures": 0, "acks": 0}
+                         "catchup_failures": 0, "catchup_resets": 0, "acks": 0}
         self.refusals = Refusals(logger, "alert")
-        """`bad_messages` by reason: frames, too_large, not_json, schema, topic, refused."""
+        """`bad_messages` by reason: frames, too_large, not_json, schema, topic, ack_*."""
+        self.health = Health("alert daemon")
         self.dispatcher = Dispatcher(config, context=self.context, clock=clock)
         self.ack_endpoint = ""
+        self._workers: list[CatchupWorker | None] = []
         self.bridges: list[Any] = []
         """MQTT sources' bridges (`monitor.mqtt_bridge.MqttBridge`), while `run` runs."""
 
-    def run(self, stop: threading.Event, *, ready: threading.Event | None = None) -> None:
-        outbox = Outbox(self.config.state)
-        self.bridges = bridges = []
-        for source in self.config.sources:
-            if source.mqtt is not None:
-                from monitor.mqtt_bridge import MqttBridge
+    @property
+    def state(self) -> str:
+        """"running", or "degraded" while the state file fails (see `last_error`)."""
+        healths = (self.health, self.dispatcher.health)
+        return "degraded" if any(h.state == "degraded" for h in healths) else "running"
 
-                bridges.append(MqttBridge(source.mqtt, endpoint=source.endpoint,
-                                          context=self.context,
-                                          client_id=source.mqtt.client_id or "audio-monitor"))
-        subs = []
+    @property
+    def last_error(self) -> str | None:
+        return self.health.last_error or self.dispatcher.health.last_error
+
+    def run(self, stop: threading.Event, *, ready: threading.Event | None = None) -> None:
+        """Until `stop`. ConfigError at start: state file locked, damaged or unwritable, an
+        endpoint that cannot be bound."""
+        lock = StateLock(self.config.state)
+        subs: list[zmq.Socket[Any]] = []
+        ack = None
+        outbox = None
+        try:
+            outbox = Outbox(self.config.state, check=True)
+            if self.config.ack_endpoint is not None:
+                ack = self.context.socket(zmq.ROUTER)
+                ack.setsockopt(zmq.LINGER, 0)
+                try:
+                    ack.bind(self.config.ack_endpoint)
+                except zmq.ZMQError as err:
+                    raise ConfigError(f"$.ack_endpoint: cannot bind "
+                                      f"{self.config.ack_endpoint!r}: {err.strerror}; is "
+                                      "another alert daemon running?") from err
+                self.ack_endpoint = ack.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.dispatcher.start()
+            self.bridges = bridges = []
+            for source in self.config.sources:
+                if source.mqtt is not None:
+                    from monitor.mqtt_bridge import MqttBridge
+
+                    bridges.append(MqttBridge(source.mqtt, endpoint=source.endpoint,
+                                              context=self.context,
+                                              client_id=source.mqtt.client_id or "audio-monitor"))
+        except BaseException:
+            if ack is not None:
+                ack.close()
+            if outbox is not None:
+                outbox.close()
+            self.dispatcher.stop()
+            lock.release()
+            raise
         for source in self.config.sources:
             sub = self.context.socket(zmq.SUB)
             sub.setsockopt(zmq.LINGER, 0)
@@ -508,15 +688,8 @@ class AlertDaemon:
                 sub.setsockopt(zmq.SUBSCRIBE, topic)
             sub.connect(source.endpoint)
             subs.append(sub)
-        clients = [None if s.catchup is None else
-                   CatchupClient(s.catchup, context=self.context, configure=s.configure)
-                   for s in self.config.sources]
-        ack = None
-        if self.config.ack_endpoint is not None:
-            ack = self.context.socket(zmq.ROUTER)
-            ack.setsockopt(zmq.LINGER, 0)
-            ack.bind(self.config.ack_endpoint)
-            self.ack_endpoint = ack.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._workers = [None if s.catchup is None else CatchupWorker(s, context=self.context)
+                         for s in self.config.sources]
         for bridge in bridges:
             bridge.start()
         poller = zmq.Poller()
@@ -524,13 +697,12 @@ class AlertDaemon:
             poller.register(sub, zmq.POLLIN)
         if ack is not None:
             poller.register(ack, zmq.POLLIN)
-        self.dispatcher.start()
         endpoints = {s.endpoint: i for i, s in enumerate(self.config.sources)}
         now = self.clock()
         for sensor_id, (seq, where) in outbox.cursors().items():
             if where in endpoints:  # what we missed while down
                 self.sensors[sensor_id] = SensorState(endpoints[where], now, seq)
-                self._catch_up(outbox, clients, sensor_id)
+                self._catch_up(sensor_id)
         outbox.prune(before=now - self.config.retention_days * 86400)
         if ready is not None:
             ready.set()
@@ -539,7 +711,7 @@ class AlertDaemon:
             while not stop.is_set():
                 for socket, _ in poller.poll(100):
                     if socket is ack:
-                        self._on_ack(outbox, ack)
+                        self._contain(self._on_ack, outbox, ack)
                         continue
                     index = subs.index(socket)
                     for _ in range(1000):  # drain, but let other sockets in
@@ -547,28 +719,43 @@ class AlertDaemon:
                             frames = socket.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._on_frames(outbox, clients, index, frames)
+                        self._contain(self._on_frames, outbox, index, frames)
+                for worker in self._workers:
+                    while worker is not None and not worker.results.empty():
+                        self._contain(self._on_page, outbox, worker.results.get())
                 now = self.clock()
                 if now >= next_tick:
                     next_tick = now + 1.0
-                    self._tick(outbox, clients, now)
+                    self._contain(self._tick, outbox, now)
         finally:
             self.dispatcher.stop()
             for bridge in bridges:
                 bridge.stop()
+            for worker in self._workers:
+                if worker is not None:
+                    worker.stop()
             for sub in subs:
                 sub.close()
-            for client in clients:
-                if client is not None:
-                    client.close()
             if ack is not None:
                 ack.close()
             outbox.close()
+            lock.release()
             logger.info("alert daemon stopped: %s; bad_messages by reason: %s", self.counters,
                         dict(self.refusals.by_reason))
 
-    def _on_frames(self, outbox: Outbox, clients: list[CatchupClient | None], index: int,
-                   frames: list[bytes]) -> None:
+    def _contain(self, handler: Callable[..., None], *args: Any) -> None:
+        """Run one handler; a failure (the state file, or a bug) degrades, never ends, the
+        daemon. What it did not record is judged again at the sensor's next catch-up."""
+        try:
+            handler(*args)
+        except sqlite3.Error as err:
+            self.health.failed(state_error(self.config.state, err), self.clock())
+        except Exception as err:
+            logger.exception("alert: %s failed", handler.__name__)
+            self.health.failed(f"{handler.__name__}: {type(err).__name__}: {err}",
+                               self.clock())
+
+    def _on_frames(self, outbox: Outbox, index: int, frames: list[bytes]) -> None:
         self.counters["received"] += 1
         try:
             message = decode(frames)
@@ -581,7 +768,7 @@ class AlertDaemon:
             cursor = outbox.cursor(message.sensor_id)
             state = SensorState(index, now, 0 if cursor is None else cursor[0])
             self.sensors[message.sensor_id] = state
-            self._catch_up(outbox, clients, message.sensor_id)  # started late: ask
+            self._catch_up(message.sensor_id)  # started late: ask
         state.source, state.last_seen = index, now
         if state.offline:
             state.offline = False
@@ -590,51 +777,60 @@ class AlertDaemon:
         if isinstance(message, Event):
             self._judge(outbox, message)
         elif isinstance(message, Status) and now >= state.catchup_at:
-            self._catch_up(outbox, clients, message.sensor_id)  # heartbeat: any gap?
+            self._catch_up(message.sensor_id)  # heartbeat: any gap?
 
-    def _catch_up(self, outbox: Outbox, clients: list[CatchupClient | None],
-                  sensor_id: str) -> None:
-        """Judge every journaled event of the sensor after its cursor, page by page."""
+    def _catch_up(self, sensor_id: str) -> None:
+        """Ask the sensor's source for its journaled events after the cursor (answered in
+        `_on_page`, page by page); one request per sensor at a time."""
         state = self.sensors[sensor_id]
-        client = clients[state.source]
-        if client is None:
+        worker = self._workers[state.source] if state.source < len(self._workers) else None
+        if worker is None or state.catchup_pending:
             return
+        state.catchup_pending = True
+        self.counters["catchup_requests"] += 1
+        worker.ask(sensor_id, state.last_seq)
+
+    def _on_page(self, outbox: Outbox, page: Page) -> None:
+        sensor_id, header = page.sensor_id, page.header
+        state = self.sensors[sensor_id]
+        state.catchup_pending = False
         source = self.config.sources[state.source].endpoint
-        after = state.last_seq
-        while True:
-            self.counters["catchup_requests"] += 1
+        if header is None:
+            self.counters["catchup_failures"] += 1
+            state.catchup_at = self.clock() + 2.0
+            logger.warning("catch-up for %s from %s: %s", sensor_id, source, page.error)
+            return
+        known = outbox.epoch(sensor_id)
+        if page.after > 0 and ((header.epoch is not None and known is not None and
+                                header.epoch != known) or
+                               (header.last_seq is not None and header.last_seq < page.after)):
+            # The sensor's journal was reset (new file, seq started over): start again at 0.
+            self.counters["catchup_resets"] += 1
+            logger.warning("sensor %s: its journal was reset (epoch %s -> %s, last seq %s, "
+                           "our cursor %d); catching up from seq 0", sensor_id, known,
+                           header.epoch, header.last_seq, page.after)
+            outbox.reset_cursor(sensor_id, source, epoch=header.epoch)
+            state.last_seq = 0
+            self._catch_up(sensor_id)
+            return
+        after = page.after
+        for pair in page.pairs:
             try:
-                page = client.fetch(sensor_id, after)
+                message = decode(pair)
             except MessageError as err:
-                page = None
-                logger.warning("catch-up for %s: %s", sensor_id, err)
-            if page is None:
-                self.counters["catchup_failures"] += 1
-                state.catchup_at = self.clock() + 2.0
-                clients[state.source] = CatchupClient(client.endpoint, context=self.context,
-                                                      configure=self.config.sources[
-                                                          state.source].configure)
-                client.close()
-                return
-            header, pairs = page
-            for pair in pairs:
-                try:
-                    message = decode(pair)
-                except MessageError as err:
-                    self._bad(err.reason, f"catch-up from {client.endpoint}: {err}")
-                    continue
-                if isinstance(message, Event) and message.sensor_id == sensor_id:
-                    self.counters["catchup_events"] += 1
-                    self._judge(outbox, message)
-                    after = max(after, message.seq)
-            if after > state.last_seq:
-                outbox.set_cursor(sensor_id, source, after)
-                state.last_seq = after
-            elif outbox.cursor(sensor_id) is None:
-                outbox.set_cursor(sensor_id, source, after)
-            if not header.more or not pairs:
-                state.catchup_at = 0.0
-                return
+                self._bad(err.reason, f"catch-up from {source}: {err}")
+                continue
+            if isinstance(message, Event) and message.sensor_id == sensor_id:
+                self.counters["catchup_events"] += 1
+                self._judge(outbox, message)
+                after = max(after, message.seq)
+        if after > state.last_seq or outbox.cursor(sensor_id) is None or known is None:
+            outbox.set_cursor(sensor_id, source, after, epoch=header.epoch)
+            state.last_seq = max(state.last_seq, after)
+        if header.more and page.pairs:
+            self._catch_up(sensor_id)
+        else:
+            state.catchup_at = 0.0
 
     def _judge(self, outbox: Outbox, event: Event) -> None:
         now = self.clock()
@@ -696,14 +892,15 @@ class AlertDaemon:
                      onset_time=state.last_seen, offset_time=None if phase == "start" else now,
                      peak_score=1.0, threshold=1.0)
 
-    def _tick(self, outbox: Outbox, clients: list[CatchupClient | None], now: float) -> None:
+    def _tick(self, outbox: Outbox, now: float) -> None:
         for sensor_id, state in self.sensors.items():
             if not state.offline and now - state.last_seen > self.config.heartbeat_timeout_s:
                 state.offline = True
                 logger.warning("sensor %s silent for %.0f s", sensor_id, now - state.last_seen)
                 self._judge(outbox, self._offline_event(sensor_id, state, "start"))
             if state.catchup_at and now >= state.catchup_at:
-                self._catch_up(outbox, clients, sensor_id)
+                self._catch_up(sensor_id)
+        self.health.settle(now)
 
     def _bad(self, reason: str, text: str) -> None:
         self.counters["bad_messages"] += 1

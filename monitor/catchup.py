@@ -18,6 +18,7 @@ that thread.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,7 +31,7 @@ from monitor.config import check_endpoint
 from monitor.errors import ConfigError, MessageError
 from monitor.journal import JournalReader
 from monitor.keys import CurveServer, require_safe
-from monitor.schema import Count, SensorId, Strict, describe
+from monitor.schema import Count, Refusals, SensorId, Strict, describe
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ class ReplyHeader(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     """The newest journaled event seq (null: none yet)."""
     more: bool = False
     """True: ask again after the last returned seq."""
+    epoch: Annotated[str, Meta(max_length=64)] | None = None
+    """Id of the sensor's journal file. A different epoch than before means the journal was
+    reset (seq started over): the subscriber restarts its cursor at 0."""
     error: Annotated[str, Meta(max_length=2000)] | None = None
 
 
@@ -113,6 +117,8 @@ class CatchupServer:
         self.context = context or zmq.Context.instance()
         self.served = 0
         self.bad_requests = 0
+        self.refusals = Refusals(logger, "catch-up server")
+        """Requests it could not answer, by reason (`bad_messages`)."""
         self.bound_endpoint = ""
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -154,7 +160,12 @@ class CatchupServer:
                 if not socket.poll(POLL_MS):
                     continue
                 envelope, payload = split_envelope(socket.recv_multipart())
-                socket.send_multipart(envelope + self.answer(reader, payload))
+                try:
+                    reply = self.answer(reader, payload)
+                except sqlite3.Error as err:  # the journal is unreadable: say so, go on
+                    self.refusals.count("journal", f"{self.journal_path}: {err}")
+                    reply = error_reply(f"journal unreadable: {err}")
+                socket.send_multipart(envelope + reply)
         finally:
             reader.close()
             socket.close()
@@ -164,15 +175,18 @@ class CatchupServer:
             sensor_id, after_seq, limit = parse_request(payload)
         except MessageError as err:
             self.bad_requests += 1
+            self.refusals.count(err.reason, str(err))
             return error_reply(str(err))
         if sensor_id not in self.sensor_ids:
             self.bad_requests += 1
+            self.refusals.count("unknown_sensor", f"unknown sensor_id {sensor_id!r}")
             return error_reply(f"unknown sensor_id {sensor_id!r}; this endpoint serves "
                                f"{list(self.sensor_ids)}")
         rows = reader.since(sensor_id, after_seq, limit=limit)
         self.served += len(rows)
         header = ReplyHeader(ok=True, sensor_id=sensor_id, after_seq=after_seq,
-                             last_seq=reader.last_seq(sensor_id), more=len(rows) == limit)
+                             last_seq=reader.last_seq(sensor_id), more=len(rows) == limit,
+                             epoch=reader.epoch)
         frames = [msgspec.json.encode(header)]
         for topic, body in rows:
             frames += [topic, body]

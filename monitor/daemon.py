@@ -239,7 +239,13 @@ class Daemon:
     def _state(self) -> str:
         flowing = self.processor.samples != self._samples_at_status
         self._samples_at_status = self.processor.samples
+        if self._journal_error() is not None:
+            return "degraded"
         return "running" if flowing or self.source.exhausted else "degraded"
+
+    def _journal_error(self) -> str | None:
+        journal = self.publisher.journal
+        return None if journal is None else journal.last_error
 
     def counters(self) -> dict[str, int]:
         """The `status` message's counters: snapshots of the chain, the source and the
@@ -255,5 +261,5 @@ class Daemon:
             t_audio_s=round(self.processor.samples / self.processor.timing.sample_rate, 4),
             counters=self.counters(), inference_ms_p50=round(p50, 3),
             inference_ms_max=round(worst, 3), dc_offset=round(self.processor.meter.dc_offset, 5),
-            last_error=self.source.last_error)
+            last_error=self.source.last_error or self._journal_error())
 

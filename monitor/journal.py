@@ -16,6 +16,14 @@ daemon that was killed (kill -9, power cut) closes them when it starts again: se
 
 One connection per thread: the publisher's thread writes, the catch-up thread opens
 its own read connection (`JournalReader`).
+
+Failures never end the daemon. A journal that cannot be written (read-only, disk full)
+is counted (`journal_errors`) and named in `last_error` (status `degraded`); events are
+still published, and writing resumes by itself once the cause is gone. A damaged file is
+moved aside (`journal.db.damaged-TIME`) with one warning and a fresh journal started; it
+gets a new `epoch` (a random id kept in the file, sent in every catch-up reply), so a
+subscriber whose cursor belongs to the old journal starts over instead of waiting for
+`seq` to pass it.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+import uuid
 from pathlib import Path
 
 from monitor.errors import ConfigError
@@ -56,25 +65,75 @@ CREATE TABLE IF NOT EXISTS open_events (
     body BLOB NOT NULL,
     PRIMARY KEY (sensor_id, event_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
-def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+def move_aside(path: Path, reason: str) -> Path:
+    """Rename a damaged SQLite file (and its -wal/-shm) to PATH.damaged-TIME; returns it."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        side = Path(f"{path}{suffix}")
+        if side.exists():
+            side.rename(Path(f"{target}{suffix}"))
+    logger.warning("%s is damaged (%s): moved it to %s and started a fresh one", path, reason,
+                   target.name)
+    return target
+
+
+def is_damage(err: sqlite3.Error) -> bool:
+    """True for a damaged file (not a permission or locking problem)."""
+    text = str(err).lower()
+    return type(err) is sqlite3.DatabaseError or "malformed" in text or "not a database" in text
+
+
+def _open(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10,
+                               isolation_level=None, check_same_thread=True)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(path), timeout=10, isolation_level=None)
     try:
-        if readonly:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10,
-                                   isolation_level=None, check_same_thread=True)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(path), timeout=10, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=10000")
+        if not readonly:
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"database disk image is malformed ({check})")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)",
+                         (uuid.uuid4().hex[:16],))
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=10000")
-    except (sqlite3.Error, OSError) as err:
-        raise ConfigError(f"journal: cannot open {path}: {err}; check state_dir and its "
-                          "permissions") from err
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open the journal; a damaged one is moved aside and a fresh one started (writer)."""
+    try:
+        try:
+            return _open(path, readonly=readonly)
+        except sqlite3.DatabaseError as err:
+            if readonly or not is_damage(err):
+                raise
+            move_aside(path, str(err))
+            return _open(path, readonly=readonly)
+    except (sqlite3.Error, OSError) as err:
+        raise ConfigError(f"journal: cannot open {path}: {err}; make state_dir "
+                          f"({path.parent}) writable by the daemon's user, or set another "
+                          "state_dir") from err
+
+
+def read_epoch(conn: sqlite3.Connection) -> str | None:
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+    except sqlite3.OperationalError:  # a journal from before epochs, opened read-only
+        return None
+    return None if row is None else str(row[0])
 
 
 class Journal:
@@ -85,9 +144,13 @@ class Journal:
         self.max_age_s = max_age_days * 86400.0
         self.max_bytes = int(max_mb * 1024 * 1024)
         self._conn = _connect(path)
+        self.epoch = read_epoch(self._conn)
+        """Random id of this journal file; a new file (reset, moved aside) has a new one."""
         self._appends = 0
         self.written = 0
         self.errors = 0
+        self.last_error: str | None = None
+        """Why the latest write failed, and what to do; None once a write succeeds again."""
         self.prune()
 
     def start_seq(self, sensor_id: str) -> int:
@@ -99,11 +162,26 @@ class Journal:
         return int(row[0])
 
     def reserve(self, sensor_id: str, high: int) -> int:
-        """Durably claim every seq up to `high` (a crash never reuses one); returns `high`."""
-        self._conn.execute(
-            "INSERT INTO seq_reserved (sensor_id, high) VALUES (?, ?) ON CONFLICT(sensor_id) "
-            "DO UPDATE SET high = max(high, excluded.high)", (sensor_id, high))
+        """Durably claim every seq up to `high` (a crash never reuses one); returns `high`.
+
+        If the disk refuses, the failure is counted and reported (`last_error`) and `high`
+        is returned anyway: this process goes on numbering, a restart may reuse numbers."""
+        try:
+            self._conn.execute(
+                "INSERT INTO seq_reserved (sensor_id, high) VALUES (?, ?) ON CONFLICT(sensor_id) "
+                "DO UPDATE SET high = max(high, excluded.high)", (sensor_id, high))
+        except sqlite3.Error as err:
+            self._failed(f"reserving seq up to {high}", err)
         return high
+
+    def _failed(self, what: str, err: sqlite3.Error) -> None:
+        self.errors += 1
+        first = self.last_error is None
+        self.last_error = (f"journal {self.path}: {what} failed: {err}; events are published "
+                           "but not kept for catch-up until it is writable again (free disk "
+                           f"space, or make {self.path.parent} writable)")
+        if first or self.errors % 1000 == 0:
+            logger.error("%s (%d failures so far)", self.last_error, self.errors)
 
     def append(self, sensor_id: str, seq: int, ts: float, frames: list[bytes], *,
                opens: str | None = None, closes: str | None = None) -> bool:
@@ -127,9 +205,11 @@ class Journal:
                 conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as err:
-            self.errors += 1
-            logger.error("journal write failed for %s seq %d: %s", sensor_id, seq, err)
+            self._failed(f"writing {sensor_id} seq {seq}", err)
             return False
+        if self.last_error is not None:
+            logger.warning("journal %s is writable again", self.path)
+            self.last_error = None
         self.written += 1
         self._appends += 1
         if self._appends >= PRUNE_EVERY:
@@ -189,6 +269,14 @@ class JournalReader:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn = _connect(path, readonly=True)
+
+    @property
+    def epoch(self) -> str | None:
+        """The journal file's id (None if unreadable); read per request, so a reset shows."""
+        try:
+            return read_epoch(self._conn)
+        except sqlite3.Error:
+            return None
 
     def since(self, sensor_id: str, after_seq: int, *, limit: int) -> list[tuple[bytes, bytes]]:
         """Up to `limit` events of `sensor_id` with seq > `after_seq`, as [topic, json]."""

@@ -11,17 +11,24 @@ One SQLite file (WAL, ``synchronous=FULL``). Exactly-once rests on two keys:
 A crash between an action succeeding and its row being marked is the one window where an
 action can run twice; webhooks carry the key as ``Idempotency-Key`` so a receiver can
 drop that repeat. Each thread opens its own `Outbox` (SQLite connections stay in one thread).
+
+One daemon per file: `StateLock` holds an exclusive lock on ``STATE.lock`` for the
+daemon's life. A damaged file is refused at start with the cure (move it aside); errors
+at run time are the caller's to contain (the alert daemon degrades and retries).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from monitor.errors import ConfigError
+from monitor.journal import is_damage
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
@@ -38,7 +45,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_at);
 CREATE TABLE IF NOT EXISTS cursors (
-    sensor_id TEXT PRIMARY KEY, source TEXT NOT NULL, seq INTEGER NOT NULL
+    sensor_id TEXT PRIMARY KEY, source TEXT NOT NULL, seq INTEGER NOT NULL, epoch TEXT
 );
 CREATE TABLE IF NOT EXISTS cooldowns (
     rule TEXT NOT NULL, sensor_id TEXT NOT NULL, label TEXT NOT NULL, last_time REAL NOT NULL,
@@ -65,17 +72,62 @@ class Item:
     expires_at: float
 
 
+class StateLock:
+    """An exclusive lock on STATE.lock: one alert daemon per state file."""
+
+    def __init__(self, state: Path) -> None:
+        self.path = state.with_name(state.name + ".lock")
+        try:
+            state.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ConfigError(f"state: cannot create {self.path}: {err.strerror}; make "
+                              f"{state.parent} writable by the daemon's user") from err
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            raise ConfigError(f"state: {state} is in use by another alert daemon (pid "
+                              f"{holder}); stop that one, or give this one its own `state:` "
+                              "in alert.yaml") from err
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        os.close(self._fd)  # closing drops the lock
+
+
 class Outbox:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, check: bool = False) -> None:
+        """Open (or create) the state file; `check`: verify it first (at start-up).
+
+        ConfigError if it cannot be opened, or is damaged (naming the cure)."""
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+            self._conn.execute("PRAGMA busy_timeout=30000")
+            if check:
+                result = self._conn.execute("PRAGMA quick_check").fetchone()[0]
+                if result != "ok":
+                    raise sqlite3.DatabaseError(f"database disk image is malformed ({result})")
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute("PRAGMA busy_timeout=30000")
             self._conn.executescript(_SCHEMA)
-        except (sqlite3.Error, OSError) as err:
+            columns = {r[1] for r in self._conn.execute("PRAGMA table_info(cursors)")}
+            if "epoch" not in columns:  # a state file from before journal epochs
+                self._conn.execute("ALTER TABLE cursors ADD COLUMN epoch TEXT")
+        except sqlite3.DatabaseError as err:
+            if is_damage(err):
+                raise ConfigError(
+                    f"state: {path} is damaged ({err}); move it aside (mv {path} "
+                    f"{path}.damaged) and start again: a fresh file is created, and events "
+                    "still in the sensors' journals are judged again, so an alert already "
+                    "sent may be sent once more") from err
+            raise ConfigError(f"state: cannot open alert state {path}: {err}; make "
+                              f"{path.parent} writable by the daemon's user") from err
+        except OSError as err:
             raise ConfigError(f"state: cannot open alert state {path}: {err}") from err
 
     # --- decisions (main thread) -------------------------------------------------------
@@ -119,11 +171,26 @@ class Outbox:
         return {r[0]: (int(r[1]), str(r[2]))
                 for r in self._conn.execute("SELECT sensor_id, seq, source FROM cursors")}
 
-    def set_cursor(self, sensor_id: str, source: str, seq: int) -> None:
-        """Every event of `sensor_id` up to `seq` has been judged."""
+    def set_cursor(self, sensor_id: str, source: str, seq: int, *,
+                   epoch: str | None = None) -> None:
+        """Every event of `sensor_id` up to `seq` has been judged (of journal `epoch`)."""
         self._conn.execute(
-            "INSERT INTO cursors VALUES (?, ?, ?) ON CONFLICT(sensor_id) DO UPDATE SET "
-            "source = excluded.source, seq = max(seq, excluded.seq)", (sensor_id, source, seq))
+            "INSERT INTO cursors VALUES (?, ?, ?, ?) ON CONFLICT(sensor_id) DO UPDATE SET "
+            "source = excluded.source, seq = max(seq, excluded.seq), "
+            "epoch = coalesce(excluded.epoch, epoch)", (sensor_id, source, seq, epoch))
+
+    def epoch(self, sensor_id: str) -> str | None:
+        """The journal epoch the sensor's cursor belongs to (None: not known)."""
+        row = self._conn.execute("SELECT epoch FROM cursors WHERE sensor_id=?",
+                                 (sensor_id,)).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    def reset_cursor(self, sensor_id: str, source: str, *, epoch: str | None) -> None:
+        """The sensor's journal was reset: its cursor starts over at 0 in `epoch`."""
+        self._conn.execute(
+            "INSERT INTO cursors VALUES (?, ?, 0, ?) ON CONFLICT(sensor_id) DO UPDATE SET "
+            "source = excluded.source, seq = 0, epoch = excluded.epoch",
+            (sensor_id, source, epoch))
 
     def ack(self, event_id: str, *, at: float, by: str) -> int:
         """Acknowledge an event: its pending escalations are cancelled; returns how many."""
@@ -135,17 +202,20 @@ class Outbox:
 
     # --- delivery (dispatcher thread) --------------------------------------------------
 
-    def due(self, now: float, *, limit: int, busy: set[str]) -> list[dict[str, Any]]:
-        """Pending rows whose time has come, oldest first, skipping those in flight."""
+    def due(self, now: float, *, limit: int, busy: set[str],
+            skip_actions: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+        """Pending rows whose time has come, oldest first, skipping those in flight and
+        those of `skip_actions` (destinations with no free worker)."""
         self._conn.execute(
             "UPDATE outbox SET state='cancelled', done_at=? WHERE state='pending' AND "
             "kind='escalation' AND event_id IN (SELECT event_id FROM acks)", (now,))
         self._conn.execute("UPDATE outbox SET state='expired', done_at=? WHERE "
                            "state='pending' AND expires_at < ?", (now, now))
+        skip = ",".join("?" * len(skip_actions))
         rows = self._conn.execute(
             "SELECT key, kind, action, payload, attempts, expires_at FROM outbox WHERE "
-            "state='pending' AND next_at <= ? ORDER BY next_at LIMIT ?",
-            (now, limit + len(busy))).fetchall()
+            f"state='pending' AND next_at <= ? AND action NOT IN ({skip}) "
+            "ORDER BY next_at LIMIT ?", (now, *sorted(skip_actions), limit + len(busy))).fetchall()
         out = [{"key": r[0], "kind": r[1], "action": r[2], "payload": json.loads(r[3]),
                 "attempts": r[4], "expires_at": r[5]} for r in rows if r[0] not in busy]
         return out[:limit]
