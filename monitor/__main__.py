@@ -199,7 +199,7 @@ def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> 
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from monitor.daemon import Daemon, build_source
+    from monitor.daemon import Daemon, wait_for_source
     from monitor.detector import Detector
     from monitor.jit import aot_status
     from monitor.outputs import Output
@@ -212,13 +212,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["publish.endpoint"] = args.publish
     if args.fast:
         overrides["audio.realtime"] = False
-    if args.rate:
+    if args.rate is not None:  # 0 is refused by the schema, not taken as "default"
         overrides["audio.sample_rate"] = args.rate
     config = _load(args, overrides)
     detector = Detector(config.model.path, threads=config.model.threads)
-    source = build_source(config)
     stack = PublishingStack(config)  # journal, CURVE, PUB socket, catch-up server
     publisher = stack.publisher
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:  # a microphone that is not there yet is waited for (degraded), never an exit
+        source = wait_for_source(config, stop=stop, publisher=publisher)
+    except BaseException:
+        stack.close()
+        raise
+    if source is None:
+        stack.close()
+        return 0
     outputs: list[Output] = []  # beside ZeroMQ, which numbers and journals every message
     metrics = None
     if args.metrics:
@@ -232,9 +242,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         outputs.append(MqttOutput(config.mqtt, sensor_id=config.sensor_id,
                                   state_dir=config.state_dir, journal_path=stack.journal.path))
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     daemon = Daemon(config, source=source, detector=detector, publisher=publisher,
                     outputs=outputs)
     daemon.reloader = lambda: _load(args, overrides)

@@ -17,12 +17,20 @@ import numpy as np
 
 from monitor.config import Config
 from monitor.detector import Detector
-from monitor.errors import MonitorError
+from monitor.errors import DeviceAbsentError, MonitorError
+from monitor.messages import Status
 from monitor.outputs import Catalog, Composer, Output, ZmqOutput
 from monitor.processor import Processor, resolve_rules
 from monitor.publisher import Publisher
 from monitor.sdnotify import Notifier
-from monitor.sources import FileSource, MicSource, Source, StdinSource, parse_source
+from monitor.sources import (
+    FileSource,
+    MicSource,
+    Source,
+    StdinSource,
+    parse_source,
+    rescan_devices,
+)
 from monitor.watchdog import Health, Progress
 
 logger = logging.getLogger(__name__)
@@ -58,6 +66,48 @@ def build_source(config: Config) -> Source:
         device = int(arg)
     return MicSource(device, sample_rate=audio.sample_rate, channels=audio.channels,
                      ring_seconds=audio.ring_seconds, block_ms=audio.block_ms)
+
+
+DEVICE_BACKOFF_FIRST_S = 0.5
+DEVICE_BACKOFF_MAX_S = 30.0
+
+
+def wait_for_source(config: Config, *, stop: threading.Event, publisher: Publisher,
+                    notifier: Notifier | None = None,
+                    clock: Callable[[], float] = time.monotonic) -> Source | None:
+    """`build_source`, waiting for a microphone that is absent (not yet enumerated).
+
+    While it waits: `READY=1` with `STATUS=degraded: ...`, watchdog pings, and `status`
+    messages with state `degraded` and `last_error` naming the device; retries with
+    backoff 0.5 s doubling to 30 s. Returns None if `stop` is set meanwhile. Any other
+    MonitorError (a configuration error) is raised at once.
+    """
+    notifier = notifier or Notifier.from_env()
+    backoff, attempts, started = DEVICE_BACKOFF_FIRST_S, 0, clock()
+    while True:
+        try:
+            return build_source(config)
+        except DeviceAbsentError as err:
+            attempts += 1
+            text = f"waiting for the input device ({config.source}): {err}"
+            if attempts == 1:
+                logger.warning("%s; retrying with backoff up to %.0f s", text,
+                               DEVICE_BACKOFF_MAX_S)
+                notifier.ready(f"degraded: {text}")
+            notifier.status(f"degraded: {text}")
+            publisher.publish(Status, state="degraded", source=config.source,
+                              uptime_s=round(clock() - started, 3), t_audio_s=0.0,
+                              counters={"device_waits": attempts}, inference_ms_p50=0.0,
+                              inference_ms_max=0.0, dc_offset=0.0, last_error=text)
+            deadline = clock() + backoff
+            interval = notifier.ping_interval_s or backoff
+            while not stop.is_set() and clock() < deadline:
+                notifier.watchdog()
+                stop.wait(min(interval, max(0.0, deadline - clock())))
+            if stop.is_set():
+                return None
+            backoff = min(backoff * 2.0, DEVICE_BACKOFF_MAX_S)
+            rescan_devices()
 
 
 class Daemon:

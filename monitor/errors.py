@@ -17,6 +17,11 @@ class AudioDeviceError(MonitorError):
     """An audio device is missing, busy or cannot be opened with the asked settings."""
 
 
+class DeviceAbsentError(AudioDeviceError):
+    """The input device is not there (yet): a USB microphone that enumerates late. The
+    daemon waits for it instead of exiting; not a configuration error."""
+
+
 class SourceError(MonitorError):
     """An audio source (file, stdin) cannot be read."""
 

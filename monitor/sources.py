@@ -24,7 +24,7 @@ import numpy as np
 import sounddevice as sd
 import soundfile as sf
 
-from monitor.errors import AudioDeviceError, ConfigError, SourceError
+from monitor.errors import AudioDeviceError, ConfigError, DeviceAbsentError, SourceError
 from monitor.ringbuffer import SpscRingBuffer
 
 __all__ = [
@@ -410,6 +410,13 @@ def _hostapi_name(index: int) -> str:
     return str(sd.query_hostapis(index)["name"])
 
 
+def rescan_devices() -> None:
+    """Make PortAudio enumerate devices again (it lists them once, at initialisation).
+    Process-wide: only while no stream of this process is open."""
+    sd._terminate()
+    sd._initialize()
+
+
 def list_input_devices() -> list[dict[str, Any]]:
     """Input devices as PortAudio sees them now (for `audio-monitor devices`)."""
     devices: list[dict[str, Any]] = []
@@ -456,12 +463,12 @@ def _resolve_input_device(device: str | int | None) -> dict[str, Any]:
         for d in devices:
             if d["index"] == default_in:
                 return d
-        raise AudioDeviceError(f"no default input device; {_devices_line(devices)}")
+        raise DeviceAbsentError(f"no default input device; {_devices_line(devices)}")
     if isinstance(device, int):
         for d in devices:
             if d["index"] == device:
                 return d
-        raise AudioDeviceError(
+        raise DeviceAbsentError(
             f"input device index {device} not found; {_devices_line(devices)}"
         )
     query = device.lower()
@@ -489,7 +496,7 @@ def _resolve_input_device(device: str | int | None) -> dict[str, Any]:
             f"input device {device!r} is ambiguous: matches {_device_list(matches)}; "
             "give an index or a longer name (`audio-monitor devices` lists them)"
         )
-    raise AudioDeviceError(f"no input device matching {device!r}; {_devices_line(devices)}")
+    raise DeviceAbsentError(f"no input device matching {device!r}; {_devices_line(devices)}")
 
 
 class MicSource(Source):
@@ -677,14 +684,13 @@ class MicSource(Source):
 
     def _reopen(self) -> None:
         """Re-initialise PortAudio, find the device again by name and host API, open it."""
-        sd._terminate()
-        sd._initialize()
+        rescan_devices()
         for d in list_input_devices():
             if d["name"] == self.device_name and d["hostapi"] == self.hostapi:
                 self._device_index = int(d["index"])
                 break
         else:
-            raise AudioDeviceError(
+            raise DeviceAbsentError(
                 f"input device {self.device_name!r} [{self.hostapi}] is not present"
             )
         self._open()

@@ -249,7 +249,7 @@ def test_sigterm_stops_gracefully(recording: Path, config_file: Path, tmp_path: 
     (["--source", "tape:x"], "source 'tape:x' is not one of"),
     (["--source", "file:/nonexistent.wav"], "/nonexistent.wav"),
     (["--publish", "udp://x"], "$.publish.endpoint: 'udp://x': expected a ZeroMQ endpoint"),
-    (["--source", "mic:no-such-device-xyz"], "no-such-device-xyz"),
+    (["--source", "stdin", "--rate", "0"], "$.audio.sample_rate: 0: expected `int` >= 4000"),
 ])
 def test_user_errors_are_one_line_exit_2(config_file: Path, args: list[str],
                                          expected: str) -> None:
@@ -259,6 +259,38 @@ def test_user_errors_are_one_line_exit_2(config_file: Path, args: list[str],
     lines = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_absent_microphone_is_waited_for_not_an_exit(config_file: Path,
+                                                      tmp_path: Path) -> None:
+    """A USB microphone that enumerates late: `run` used to exit 2, and the unit's
+    RestartPreventExitStatus=2 then left the service stopped for good."""
+    endpoint = f"ipc://{tmp_path}/absent.sock"
+    sub = subscriber(endpoint)
+    process = daemon(config_file, "--source", "mic:no-such-device-xyz", "--publish", endpoint)
+    try:
+        statuses: list[Status] = []
+        deadline = time.monotonic() + 30
+        while len(statuses) < 2 and time.monotonic() < deadline:  # two attempts (backoff)
+            if sub.poll(100):
+                message = decode(sub.recv_multipart())
+                if isinstance(message, Status):
+                    statuses.append(message)
+        assert process.poll() is None, process.communicate(timeout=10)[1][-2000:]
+        assert [s.state for s in statuses] == ["degraded", "degraded"]
+        assert statuses[0].last_error is not None
+        assert statuses[0].last_error.startswith(
+            "waiting for the input device (mic:no-such-device-xyz): no input device matching "
+            "'no-such-device-xyz'")
+        assert statuses[1].counters["device_waits"] == statuses[0].counters["device_waits"] + 1
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        stderr = process.communicate(timeout=10)[1].decode()
+    finally:
+        sub.close()
+        if process.poll() is None:
+            process.kill()
+    assert "retrying with backoff up to 30 s" in stderr and "Traceback" not in stderr
 
 
 def test_missing_model_says_how_to_fix(tmp_path: Path, tiny_model: Path) -> None:
