@@ -296,7 +296,11 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
     from monitor.errors import MessageError
     from monitor.messages import decode, to_dict
+    from monitor.schema import Refusals
 
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="audio-monitor: %(message)s")
+    refusals = Refusals(logger, "listen")
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     socket = context.socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)
@@ -315,8 +319,8 @@ def _cmd_listen(args: argparse.Namespace) -> int:
             frames = socket.recv_multipart()
             try:
                 message = decode(frames)
-            except MessageError as err:
-                print(f"audio-monitor: dropped a bad message: {err}", file=sys.stderr)
+            except MessageError as err:  # counted by reason, logged (rate-limited), ignored
+                refusals.count(err.reason, str(err))
                 continue
             previous = last_seq.get(message.sensor_id)
             if not args.topic and previous is not None and message.seq > previous + 1:
@@ -328,6 +332,9 @@ def _cmd_listen(args: argparse.Namespace) -> int:
             received += 1
     finally:
         socket.close()
+        if refusals.total:
+            print(f"audio-monitor: bad_messages by reason: {dict(refusals.by_reason)}",
+                  file=sys.stderr)
     return 0
 
 

@@ -374,6 +374,10 @@ def state_error(path: Path, err: BaseException) -> str:
             "writable); if it is damaged, stop the daemon and move the file aside")
 
 
+STOP_WAIT_S = 5.0
+"""On stop, how long the dispatcher waits for actions in flight."""
+
+
 class Dispatcher:
     """Runs due outbox rows in its own thread. Webhooks and commands run in one worker pool
     per destination (action), each of `workers` threads with the action's own timeout, so
@@ -451,11 +455,12 @@ class Dispatcher:
         finally:
             for pool in pools.values():
                 pool.shutdown(wait=False, cancel_futures=True)
-            for pool in pools.values():
-                pool.shutdown(wait=True)
-            with self._lock:
-                for conn in self._conns:
-                    conn.close()
+            # An action in flight may hang up to its own timeout: wait a little, not for it.
+            _, pending = concurrent.futures.wait(list(busy.values()), timeout=STOP_WAIT_S)
+            if not pending:
+                with self._lock:
+                    for conn in self._conns:
+                        conn.close()
             if pub is not None:
                 pub.close()
             outbox.close()
@@ -501,7 +506,7 @@ class Dispatcher:
         try:
             outbox = getattr(self._local, "outbox", None)
             if outbox is None:
-                outbox = self._local.outbox = Outbox(self.config.state)
+                outbox = self._local.outbox = Outbox(self.config.state, any_thread=True)
                 with self._lock:
                     self._conns.append(outbox)
             run = run_webhook if action.type == "webhook" else run_command
@@ -740,8 +745,9 @@ class AlertDaemon:
                 ack.close()
             outbox.close()
             lock.release()
-            logger.info("alert daemon stopped: %s; bad_messages by reason: %s", self.counters,
-                        dict(self.refusals.by_reason))
+            logger.log(logging.WARNING if self.refusals.total else logging.INFO,
+                       "alert daemon stopped: %s; bad_messages by reason: %s", self.counters,
+                       dict(self.refusals.by_reason))
 
     def _contain(self, handler: Callable[..., None], *args: Any) -> None:
         """Run one handler; a failure (the state file, or a bug) degrades, never ends, the

@@ -299,7 +299,8 @@ def header(state: DashboardState, now: float, endpoints: Sequence[str]) -> Text:
         text.append(f"{counts[health]} {health.lower()}", style=HEALTH_STYLES.get(health, ""))
     text.append(f"  msgs {state.received}")
     if state.decode_errors:
-        text.append(f"  bad {state.decode_errors}", style="yellow")
+        reasons = ", ".join(f"{r} {n}" for r, n in state.bad_messages.most_common())
+        text.append(f"  bad {state.decode_errors} ({reasons})", style="yellow")
     if state.class_filter or state.sensor_filter:
         text.append(f"  filter class={state.class_filter or '*'} sensor="
                     f"{state.sensor_filter or '*'}", style="bold magenta")

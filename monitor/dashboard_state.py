@@ -14,7 +14,7 @@ does not decode (including message types newer than this dashboard) is counted i
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -100,6 +100,8 @@ class DashboardState:
         self.classes: set[str] = set()
         self.received = 0
         self.decode_errors = 0
+        self.bad_messages: Counter[str] = Counter()
+        """`decode_errors` by reason (frames, too_large, not_json, schema, topic)."""
         self.last_decode_error: str | None = None
         self.class_filter: str | None = None
         self.sensor_filter: str | None = None
@@ -115,6 +117,7 @@ class DashboardState:
             message = decode(frames)
         except MessageError as err:
             self.decode_errors += 1
+            self.bad_messages[err.reason] += 1
             self.last_decode_error = str(err)
             logger.debug("dropped a bad message: %s", err)
             return False

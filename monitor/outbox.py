@@ -99,14 +99,16 @@ class StateLock:
 
 
 class Outbox:
-    def __init__(self, path: Path, *, check: bool = False) -> None:
-        """Open (or create) the state file; `check`: verify it first (at start-up).
+    def __init__(self, path: Path, *, check: bool = False, any_thread: bool = False) -> None:
+        """Open (or create) the state file; `check`: verify it first (at start-up);
+        `any_thread`: may be closed by another thread than the one using it.
 
         ConfigError if it cannot be opened, or is damaged (naming the cure)."""
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+            self._conn = sqlite3.connect(str(path), timeout=30, isolation_level=None,
+                                         check_same_thread=not any_thread)
             self._conn.execute("PRAGMA busy_timeout=30000")
             if check:
                 result = self._conn.execute("PRAGMA quick_check").fetchone()[0]
