@@ -400,6 +400,34 @@ def bench_resources(path: Path, config: Path, seconds: float) -> dict[str, Any]:
     return results
 
 
+def bench_threads(path: Path, config: Path, seconds: float) -> dict[str, Any]:
+    """CPU % of one core of the real daemon on a file at real-time pace for model.threads
+    1, 2 and 4; for 2 and 4 also with onnxruntime's spin-waiting left on (its default), so
+    the cost of spinning is visible. Rounds in opposite orders, `seconds` in all each."""
+    import yaml
+
+    from monitor.detector import ORT_SPINNING_ENV
+
+    runs = [("1", 1, "0"), ("2", 2, "0"), ("2_spinning", 2, "1"), ("4", 4, "0"),
+            ("4_spinning", 4, "1")]
+    measured: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in runs}
+    with tempfile.TemporaryDirectory() as folder:
+        for label, threads, spinning in runs + runs[::-1]:
+            data = yaml.safe_load(config.read_text(encoding="utf-8"))
+            data["model"]["threads"] = threads
+            variant = Path(folder) / f"threads-{label}.yaml"
+            variant.write_text(yaml.safe_dump(data), encoding="utf-8")
+            proc, ready_s = _start_until_ready(
+                [sys.executable, "-m", "monitor", "run", "--source", f"file:{path}",
+                 "--publish", f"ipc://{folder}/{label}.sock", "--config", str(variant)],
+                {**os.environ, ORT_SPINNING_ENV: spinning}, folder)
+            if ready_s is not None:
+                measured[label].append(_measure(proc.pid, seconds / 2))
+            proc.terminate()
+            proc.wait(10)
+    return {label: _pooled(m) for label, m in measured.items() if m}
+
+
 def bench_live_mic(config: Path, seconds: float) -> dict[str, Any]:
     """CPU and RSS of the daemon (event model + one anomaly scorer) capturing a real
     PortAudio stream (JACK dummy driver, 10 ms periods): the live deployment shape, without
@@ -474,6 +502,7 @@ def main() -> int:
             "end_to_end_latency": bench_latency(path, 10.0 if args.quick else 60.0),
             "resources_realtime": bench_resources(path, config, 6.0 if args.quick else 60.0),
             "resources_live_mic": bench_live_mic(config, 6.0 if args.quick else 60.0),
+            "model_threads": bench_threads(path, config, 6.0 if args.quick else 40.0),
             "fleet": bench_fleet(args.quick),
         }
     print(render(results))
@@ -497,6 +526,7 @@ def _cpu(r: dict[str, Any]) -> str:
 def render(r: dict[str, Any]) -> str:
     fh, fo, an = r["frontend_hop"], r["frontend_offline"], r["analyze"]
     lat, res, mic = r["end_to_end_latency"], r["resources_realtime"], r["resources_live_mic"]
+    thr = r.get("model_threads", {})
     rows = [
         ("front end, one 10 ms hop", f"{fh['ours_us']:.1f} us",
          f"numpy rfft {fh['numpy_over_ours']:.1f}x slower, librosa "
@@ -526,6 +556,8 @@ def render(r: dict[str, Any]) -> str:
         *[(f"file at real-time pace, model + 1 scorer, {label}", _cpu(res.get(key, {})),
            _rss(res.get(key, {}))) for key, label in (("aot", "AOT kernels"),
                                                       ("jit_warm", "JIT kernels"))],
+        *[(f"file at real-time pace, model.threads {label.replace('_', ' ')}",
+           _cpu(thr[label]), _rss(thr[label])) for label in thr],
         ("start-up to READY=1", f"AOT {res.get('startup_aot_s') or 0:.2f} s",
          f"JIT cold cache {res.get('startup_jit_cold_s') or 0:.2f} s, warm "
          f"{res.get('startup_jit_warm_s') or 0:.2f} s"

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from monitor.frontend import FrontendParams, silence_frame
 logger = logging.getLogger(__name__)
 
 CARD_SCHEMA = 1
+ORT_SPINNING_ENV = "AUDIO_MONITOR_ORT_SPINNING"
+"""Set to 1 to keep onnxruntime's spin-waiting pool threads (benchmarks compare)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,11 @@ class Detector:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if threads > 1 and os.environ.get(ORT_SPINNING_ENV) != "1":
+            # onnxruntime's pool threads spin-wait between runs by default: ~30 % of a core
+            # at 10 windows a second for 2 threads (benchmarks). Ours wait ~100 ms: sleep.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.log_severity_level = 3
         try:
             self._session = ort.InferenceSession(str(model_path), sess_options=options,

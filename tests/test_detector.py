@@ -120,3 +120,18 @@ def test_other_front_end_parameters_work(tmp_path: Path) -> None:
     detector = Detector(build_tiny_model(tmp_path, params=params, window_frames=10))
     assert detector.card.frontend == params
     assert detector.card.frontend.n_mels == 40
+
+
+@pytest.mark.parametrize(("threads", "spinning"), [(1, None), (2, "0"), (4, "0")])
+def test_pool_threads_sleep_between_windows(tiny_model: Path, threads: int,
+                                            spinning: str | None) -> None:
+    """onnxruntime's pool threads spin-wait by default: with 2 threads ~34 % of a core at
+    real time instead of ~5 % (benchmarks/suite.py measures it). Off where there is a pool."""
+    session = Detector(tiny_model, threads=threads)._session
+    entries = session.get_session_options().get_session_config_entry
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        if spinning is None:
+            with pytest.raises(Exception, match="does not have configuration"):
+                entries(key)
+        else:
+            assert entries(key) == spinning
