@@ -430,7 +430,7 @@ class Dispatcher:
         except (ConfigError, zmq.ZMQError) as err:
             self._error = err if isinstance(err, ConfigError) else ConfigError(
                 f"$.publish_endpoint: cannot bind {self.config.publish_endpoint!r}: "
-                f"{zmq.strerror(err.errno)}; is another process using it?")
+                f"{zmq.strerror(err.errno or 0)}; is another process using it?")
             if pub is not None:
                 pub.close()
             self._ready.set()
@@ -665,7 +665,7 @@ class AlertDaemon:
                 except zmq.ZMQError as err:
                     raise ConfigError(f"$.ack_endpoint: cannot bind "
                                       f"{self.config.ack_endpoint!r}: "
-                                      f"{zmq.strerror(err.errno)}; is "
+                                      f"{zmq.strerror(err.errno or 0)}; is "
                                       "another alert daemon running?") from err
                 self.ack_endpoint = ack.getsockopt_string(zmq.LAST_ENDPOINT)
             self.dispatcher.start()
