@@ -131,3 +131,46 @@ def test_full_disk_sets_status_degraded(tmp_path: Path, recording: Path,  # noqa
     error = degraded[-1].last_error or ""
     assert error.startswith(f"journal {tmp_path / 'state' / 'journal.db'}: ")
     assert "free disk space, or make" in error
+
+
+@pytest.mark.parametrize("command", ["listen", "dashboard"])
+def test_subscribers_survive_wrongly_typed_events(tmp_path: Path, command: str) -> None:
+    """`"label": 123`, `"peak_score": "high"` and 200,000 nested `[` used to end `listen` and
+    `dashboard --once` (and the alert daemon); now they are counted and the good one shown."""
+    import zmq
+
+    from monitor.messages import Event, encode
+
+    context = zmq.Context()
+    pub = context.socket(zmq.XPUB)
+    pub.bind(f"ipc://{tmp_path}/p.sock")
+    args = {"listen": ["--count", "1", "--timeout", "30"],
+            "dashboard": ["--once", "--once-wait", "4"]}[command]
+    process = subprocess.Popen([sys.executable, "-m", "monitor", command,
+                                f"ipc://{tmp_path}/p.sock", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert pub.poll(20_000), "no subscription"
+        pub.recv()
+        good = Event(sensor_id="room-1", seq=1, ts=time.time(), event_id="e1", label="Cough",
+                     phase="start", onset_s=0.0, offset_s=None, onset_time=time.time(),
+                     offset_time=None, peak_score=0.9, threshold=0.5)
+        topic, body = encode(good)
+        fields = json.loads(body)
+        for bad in ({**fields, "label": 123}, {**fields, "peak_score": "high"}):
+            pub.send_multipart([topic, json.dumps(bad).encode()])
+        pub.send_multipart([topic, b"[" * 200_000])
+        pub.send_multipart([topic, body])
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        pub.close()
+        context.term()
+    assert process.returncode == 0, err[-2000:]
+    assert "Traceback" not in err
+    if command == "listen":
+        assert json.loads(out)["event_id"] == "e1"
+        assert "bad_messages by reason: {'schema': 3}" in err
+    else:
+        assert "room-1" in out and "bad 3 (schema 3)" in out
