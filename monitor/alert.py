@@ -703,13 +703,8 @@ class AlertDaemon:
             poller.register(sub, zmq.POLLIN)
         if ack is not None:
             poller.register(ack, zmq.POLLIN)
-        endpoints = {s.endpoint: i for i, s in enumerate(self.config.sources)}
         now = self.clock()
-        for sensor_id, (seq, where) in outbox.cursors().items():
-            if where in endpoints:  # what we missed while down
-                self.sensors[sensor_id] = SensorState(endpoints[where], now, seq)
-                self._catch_up(sensor_id)
-        outbox.prune(before=now - self.config.retention_days * 86400)
+        self._contain(self._resume, outbox, now)
         if ready is not None:
             ready.set()
         next_tick = now + 1.0
@@ -749,6 +744,15 @@ class AlertDaemon:
             logger.log(logging.WARNING if self.refusals.total else logging.INFO,
                        "alert daemon stopped: %s; bad_messages by reason: %s", self.counters,
                        dict(self.refusals.by_reason))
+
+    def _resume(self, outbox: Outbox, now: float) -> None:
+        """At start: ask every known sensor for what we missed while down; forget old rows."""
+        endpoints = {s.endpoint: i for i, s in enumerate(self.config.sources)}
+        for sensor_id, (seq, where) in outbox.cursors().items():
+            if where in endpoints:
+                self.sensors[sensor_id] = SensorState(endpoints[where], now, seq)
+                self._catch_up(sensor_id)
+        outbox.prune(before=now - self.config.retention_days * 86400)
 
     def _contain(self, handler: Callable[..., None], *args: Any) -> None:
         """Run one handler; a failure (the state file, or a bug) degrades, never ends, the
