@@ -219,5 +219,7 @@ def decode(frames: list[bytes]) -> Message:
 
 
 def to_dict(message: Message) -> dict[str, object]:
-    """The message's fields as a dict (with ``v`` and ``type``), as on the wire."""
-    return {"type": message.TYPE, **msgspec.structs.asdict(message)}
+    """The message's fields as a dict (with ``v`` and ``type``), as on the wire: an unset
+    optional field (``Event.reason``) is left out."""
+    body: dict[str, object] = msgspec.to_builtins(message, enc_hook=_enc_hook)
+    return body
