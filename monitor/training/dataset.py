@@ -1,8 +1,11 @@
 """The labelled clips, their deterministic splits, and waveform augmentation.
 
-Splits never cut a clip: SAFE clips split by their published fold (1-5 train, 6 validation,
-7-8 test), the others by a hash of the file name, so a file keeps its split on every machine
-and as the data set grows.
+Clips come from `labels.csv` of the data folder and, when present, of its `extra/` folder
+(broad real negatives: speech, ESC-50), plus synthetic tonal negatives (`synth.py`).
+Splits never cut a clip, a speaker or a recording: SAFE clips split by their published fold
+(1-5 train, 6 validation, 7-8 test), RAVDESS by actor and FSDD by speaker (`SPEAKER_SPLITS`),
+ESC-50 clips by their freesound source id and all others by file name, hashed, so a file keeps
+its split on every machine and as the data set grows.
 """
 
 from __future__ import annotations
@@ -25,8 +28,23 @@ SAMPLE_RATE = 16000
 CLASSES = ("cough", "fall", "glass_break", "other")
 """Head outputs, in order; `other` is everyday background and never raises an event."""
 EVENT_CLASSES = CLASSES[:3]
-LABEL_TO_CLASS = {"cough": "cough", "fall": "fall", "glass_break": "glass_break",
-                  "non_fall": "other", "background": "other"}
+LABEL_TO_CLASS = {"cough": "cough", "coughing": "cough", "fall": "fall",
+                  "glass_break": "glass_break", "glass_breaking": "glass_break"}
+"""Labels that are events; every other label (non_fall, background, speech, the other ESC-50
+classes) is `other`. Sneezing, snoring, breathing and throat clearing are `other` too: they are
+not coughs, YAMNet keeps them apart from Cough, and counting them would inflate a cough
+monitor's counts (their scores are reported in the model card)."""
+EXTRA_DIR = "extra"
+SPEAKER_SPLITS = {
+    "ravdess": {"train": ("Actor_01", "Actor_02", "Actor_03", "Actor_04", "Actor_05",
+                          "Actor_06"),
+                "val": ("Actor_07", "Actor_08"),
+                "test": ("Actor_09", "Actor_10", "Actor_11", "Actor_12")},
+    "fsdd": {"train": ("george", "lucas", "yweweler"), "val": ("nicolas",),
+             "test": ("jackson", "theo")},
+}
+"""Speech splits by speaker (too few speakers for a hash to balance; odd RAVDESS actors are
+male, even female, so each split holds both)."""
 SPLITS = ("train", "val", "test")
 SAFE_FOLDS = {"train": (1, 2, 3, 4, 5), "val": (6,), "test": (7, 8)}
 
@@ -45,38 +63,122 @@ class Clip:
     license: str
     split: str
     channel: str
+    synth: tuple[str, int] | None = None
+    """(kind, seed) of a synthetic clip (`synth.tonal`); its `path` is then only a name."""
+
+    @property
+    def key(self) -> str:
+        """Stable name of the clip on every machine (seeds its augmentation, keys caches)."""
+        return self.path.as_posix() if self.synth is not None else self.path.name
+
+    @property
+    def source_key(self) -> str:
+        """Short name of the clip's source, for per-source reports."""
+        if self.synth is not None:
+            return "synthetic"
+        base = self.source.split(" (")[0]
+        short = {"covid19-cough/dataset": "cough-" + (self.channel or "unknown"),
+                 "SAFE fall-sound dataset": "safe"}
+        for prefix, key in (("RAVDESS", "ravdess"), ("Free Spoken Digit", "fsdd"),
+                            ("ESC-50", "esc50"), ("prathambansal", "glass-edge-impulse")):
+            if base.startswith(prefix):
+                return key
+        return short.get(base, base)
 
 
 def split_of(rel_path: str, fold: str) -> str:
-    """`train`, `val` or `test` for one clip (see the module docstring)."""
+    """`train`, `val` or `test` for one clip of `labels.csv` (see the module docstring)."""
     if fold:
         n = int(fold)
         return next(name for name, folds in SAFE_FOLDS.items() if n in folds)
-    bucket = int(hashlib.sha256(Path(rel_path).name.encode()).hexdigest()[:8], 16) % 10
+    return _hashed_split(Path(rel_path).name)
+
+
+def extra_split_of(rel_path: str) -> str:
+    """`train`, `val` or `test` for one clip of `extra/labels.csv`: by speaker or source id."""
+    parts = Path(rel_path).parts
+    speakers = SPEAKER_SPLITS.get(parts[0])
+    if speakers is not None:
+        speaker = parts[1] if parts[0] == "ravdess" else parts[-1].split("_")[1]
+        for split, names in speakers.items():
+            if speaker in names:
+                return split
+        raise SourceError(f"{rel_path}: speaker {speaker!r} has no split in SPEAKER_SPLITS")
+    if parts[0] == "esc50":  # {fold}-{freesound id}-{take}-{class}.wav: one recording, one split
+        return _hashed_split("esc50-" + parts[-1].split("-")[1])
+    return _hashed_split(parts[-1])
+
+
+def _hashed_split(key: str) -> str:
+    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 10
     return "test" if bucket < 2 else "val" if bucket == 2 else "train"
 
 
-def read_clips(data_dir: Path) -> list[Clip]:
-    """Every clip of a label we train on, in labels.csv order."""
-    labels = data_dir / "labels.csv"
+def _rows(labels: Path) -> list[dict[str, str]]:
     try:
         with labels.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
+            return list(csv.DictReader(fh))
     except OSError as err:
         raise SourceError(f"cannot read {labels}: {err}; pass the data folder that holds "
                           "labels.csv") from err
+
+
+def read_clips(data_dir: Path, *, extra: bool = True, synthetic: bool = True) -> list[Clip]:
+    """Every clip: `labels.csv` rows, then `extra/labels.csv` rows (if that file exists and
+    `extra`), then the synthetic tonal negatives (if `synthetic`), each in file order."""
+    labels = data_dir / "labels.csv"
     clips = []
-    for row in rows:
-        cls = LABEL_TO_CLASS.get(row["label"])
-        if cls is None:
-            continue
-        clips.append(Clip(path=data_dir / row["path"], label=row["label"], cls=cls,
+    for row in _rows(labels):
+        clips.append(Clip(path=data_dir / row["path"], label=row["label"],
+                          cls=LABEL_TO_CLASS.get(row["label"], "other"),
                           duration_s=float(row["duration_s"]), source=row["source"],
                           license=row["license"], split=split_of(row["path"], row["fold"]),
                           channel=row.get("channel", "")))
-    if not clips:
+    extra_labels = data_dir / EXTRA_DIR / "labels.csv"
+    if extra and extra_labels.is_file():
+        for row in _rows(extra_labels):
+            clips.append(Clip(path=data_dir / EXTRA_DIR / row["path"], label=row["label"],
+                              cls=LABEL_TO_CLASS.get(row["label"], "other"),
+                              duration_s=float(row["duration_s"]), source=row["source"],
+                              license=row["license"], split=extra_split_of(row["path"]),
+                              channel=row.get("channel", "")))
+    if not any(c.cls in EVENT_CLASSES for c in clips):
         raise SourceError(f"{labels} lists no clip with a label in {sorted(LABEL_TO_CLASS)}")
+    if synthetic:
+        clips.extend(synthetic_clips())
     return clips
+
+
+def synthetic_clips() -> list[Clip]:
+    """The synthetic tonal negatives: SYNTH_PER_KIND clips of SYNTH_S seconds per kind and
+    split, each from its own seed (splits never share a seed)."""
+    from monitor.training.synth import GENERATORS
+
+    clips = []
+    for split, base in (("train", 0), ("val", 100_000), ("test", 200_000)):
+        for kind in sorted(GENERATORS):
+            for k in range(SYNTH_PER_KIND[split]):
+                seed = base + k
+                clips.append(Clip(path=Path(f"synthetic/{kind}/{seed}"), label=f"synth_{kind}",
+                                  cls="other", duration_s=SYNTH_S, source="synthetic tonal "
+                                  "negatives (monitor/training/synth.py)", license="Apache-2.0",
+                                  split=split, channel="", synth=(kind, seed)))
+    return clips
+
+
+SYNTH_S = 6.0
+SYNTH_PER_KIND = {"train": 24, "val": 6, "test": 8}
+
+
+def clip_waveform(clip: Clip, *, max_s: float | None = None) -> np.ndarray:
+    """Mono float32 at SAMPLE_RATE of any clip, recorded or synthetic."""
+    if clip.synth is not None:
+        from monitor.training.synth import tonal
+
+        kind, seed = clip.synth
+        x = tonal(kind, seconds=SYNTH_S, seed=seed)
+        return x if max_s is None else x[: int(max_s * SAMPLE_RATE)]
+    return load_audio(clip.path, max_s=max_s)
 
 
 def load_audio(path: Path, *, max_s: float | None = None) -> np.ndarray:
@@ -121,7 +223,7 @@ def mixed_stream(events: list[Clip], background: np.ndarray, *, gap_s: float,
     onsets = []
     for slot, i in enumerate(order):
         clip = events[i]
-        x = load_audio(clip.path, max_s=gap_s - 1.0)
+        x = clip_waveform(clip, max_s=gap_s - 1.0)
         start = gap * (slot + 1) - gap // 2 + int(rng.integers(-SAMPLE_RATE, SAMPLE_RATE))
         stream[start:start + len(x)] += x
         onsets.append((clip.cls, (start / SAMPLE_RATE) + true_onset_s(x)))

@@ -27,13 +27,18 @@ from monitor.training.compose import (
     HEAD_FILE,
     INPUT_NAME,
     OUTPUT_NAME,
+    VETO_RAMP,
     compose_events_model,
+    veto_gate,
 )
 from monitor.training.dataset import (
     CLASSES,
     EVENT_CLASSES,
     SAMPLE_RATE,
+    SYNTH_PER_KIND,
+    SYNTH_S,
     Clip,
+    clip_waveform,
     load_audio,
     mixed_stream,
     read_clips,
@@ -71,6 +76,9 @@ OTHER_WEIGHT = 1.5
 """Extra weight of `other` windows over balanced: on validation, 1.5 kept fall recall (0.854,
 with the tuned rule) and cut stream false alarms (cough 2 -> 1, fall 4 -> 1); 3 cost fall
 recall (0.77)."""
+VETO_QUANTILE = 0.99
+VETO_FLOOR = 0.1
+"""An AudioSet class YAMNet gives <= 0.1 never vetoes: it has not really heard it."""
 TARGET_PRECISION = 0.9
 TEMPERATURES = (1.0, 2.0, 3.0, 4.0)
 ONSET_GAP_S = 6.0
@@ -135,17 +143,37 @@ def head_to_arrays(pipe: Any) -> dict[str, np.ndarray]:
     return {"w1": w.astype(np.float32), "b1": b.astype(np.float32)}
 
 
-def head_probs(head: dict[str, np.ndarray], emb: np.ndarray) -> np.ndarray:
-    """The head in numpy, as the composed graph computes it (softmax over classes)."""
+def head_probs(head: dict[str, np.ndarray], emb: np.ndarray,
+               audioset: np.ndarray | None = None) -> np.ndarray:
+    """(n, C) scores of the head in numpy, as the composed graph computes them: softmax over
+    classes, times the open-set gate when the head has `veto` bounds (then `audioset`, the
+    windows' (n, 521) AudioSet scores, is required)."""
     z = emb @ head["w1"] + head["b1"]
     if "w2" in head:
         z = np.maximum(z, 0.0) @ head["w2"] + head["b2"]
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    probs = e / e.sum(axis=1, keepdims=True)
+    if "veto" in head:
+        if audioset is None:
+            raise ValueError("a head with veto bounds needs the windows' AudioSet scores")
+        probs = probs * veto_gate(audioset, head["veto"])
+    return probs
 
 
-def choose_temperature(head: dict[str, np.ndarray], emb: np.ndarray, clip: np.ndarray,
+def veto_bounds(audioset: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """(C, 521) open-set bounds: per event class, the VETO_QUANTILE of each AudioSet score over
+    its training event windows (clean and augmented, so the rooms and beds they were mixed into
+    widen the bounds), at least VETO_FLOOR; `other` is never vetoed (bounds of 1)."""
+    bounds = np.ones((len(CLASSES), audioset.shape[1]), np.float32)
+    for c in range(len(EVENT_CLASSES)):
+        rows = audioset[cls == c]
+        if rows.shape[0]:
+            bounds[c] = np.maximum(np.quantile(rows, VETO_QUANTILE, axis=0), VETO_FLOOR)
+    return np.round(bounds, 4)
+
+
+def choose_temperature(head: dict[str, np.ndarray], val: Windows,
                        clip_cls: np.ndarray) -> float:
     """Softmax temperature from TEMPERATURES with the best mean validation recall at
     TARGET_PRECISION (ties: the larger). The linear head is overconfident (probabilities
@@ -153,8 +181,8 @@ def choose_temperature(head: dict[str, np.ndarray], emb: np.ndarray, clip: np.nd
     lets the other classes' logits reorder a class's clips, so it is chosen, not fitted."""
     best, best_recall = TEMPERATURES[0], -1.0
     for t in TEMPERATURES:
-        scaled = {"w1": head["w1"] / np.float32(t), "b1": head["b1"] / np.float32(t)}
-        top = clip_max(head_probs(scaled, emb), clip, clip_cls.shape[0])
+        scaled = head | {"w1": head["w1"] / np.float32(t), "b1": head["b1"] / np.float32(t)}
+        top = clip_max(head_probs(scaled, val.emb, val.audioset), val.clip, clip_cls.shape[0])
         recalls = []
         for k in range(len(EVENT_CLASSES)):
             _, precision, recall = pr_curve(top[:, k], clip_cls == k)
@@ -194,8 +222,15 @@ def choose_threshold(scores: np.ndarray, positive: np.ndarray, *,
     return float(np.clip(np.floor(thr[best] * 1000.0) / 1000.0, 0.3, 0.999))
 
 
+BED_SOURCES = ("safe", "glass-edge-impulse", "esc50")
+"""Training `other` clips that serve as background beds for augmentation: room and everyday
+recordings. Speech is left out: at 0 dB SNR the loudest windows of a cough clip could be
+speech, and the head would learn speech as cough; synthetic tones are not rooms."""
+
+
 def _load_beds(clips: list[Clip]) -> list[np.ndarray]:
-    return [load_audio(c.path) for c in clips if c.split == "train" and c.cls == "other"]
+    return [load_audio(c.path) for c in clips
+            if c.split == "train" and c.cls == "other" and c.source_key in BED_SOURCES]
 
 
 def train(data_dir: Path, models_dir: Path, *, seed: int = 0,
@@ -214,9 +249,12 @@ def train(data_dir: Path, models_dir: Path, *, seed: int = 0,
                      hop_frames=TRAIN_HOP_FRAMES, variant=v, seed=seed, beds=beds,
                      max_s=MAX_TRAIN_S, embedder=embedder) for v in range(N_AUGMENTED + 1)]
     n = len(train_clips)
-    w = Windows(np.concatenate([p.emb for p in parts]), np.concatenate([p.energy for p in parts]),
+    w = Windows(np.concatenate([p.emb for p in parts]),
+                np.concatenate([p.audioset for p in parts]),
+                np.concatenate([p.energy for p in parts]),
                 np.concatenate([p.clip + v * n for v, p in enumerate(parts)]),
                 np.concatenate([p.start for p in parts]))
+    del parts
     clip_cls = np.tile(class_index(train_clips), N_AUGMENTED + 1)
     val = extract(val_clips, yamnet_path=yamnet_path, cache_dir=cache, params=params,
                   hop_frames=EVAL_HOP_FRAMES, embedder=embedder)
@@ -230,14 +268,16 @@ def train(data_dir: Path, models_dir: Path, *, seed: int = 0,
     sel = pick_windows(w, clip_cls, probs=probs)
     pipe = fit_head(w.emb[sel], clip_cls[w.clip[sel]], seed=seed)
     head = head_to_arrays(pipe)
+    head["veto"] = veto_bounds(w.audioset[sel], clip_cls[w.clip[sel]])
     val_cls = class_index(val_clips)
-    temperature = choose_temperature(head, val.emb, val.clip, val_cls)
-    head = {"w1": head["w1"] / np.float32(temperature), "b1": head["b1"] / np.float32(temperature)}
+    temperature = choose_temperature(head, val, val_cls)
+    head |= {"w1": head["w1"] / np.float32(temperature), "b1": head["b1"] / np.float32(temperature)}
     logger.info("softmax temperature %.3f (folded into the head)", temperature)
     logger.info("head trained on %d windows (%s per class)", sel.size,
                 np.bincount(clip_cls[w.clip[sel]], minlength=len(CLASSES)).tolist())
 
-    val_max = clip_max(head_probs(head, val.emb), val.clip, len(val_clips))
+    val_probs = head_probs(head, val.emb, val.audioset)
+    val_max = clip_max(val_probs, val.clip, len(val_clips))
     thresholds, val_metrics = {}, {}
     for c, name in enumerate(EVENT_CLASSES):
         positive = val_cls == c
@@ -251,20 +291,44 @@ def train(data_dir: Path, models_dir: Path, *, seed: int = 0,
     rules, lead_ms, stream_hours = _tune_rules(head, val, val_clips, val_cls, params=params,
                                                embedder=embedder, validation=val_metrics)
     thresholds = {name: val_metrics[name]["threshold"] for name in EVENT_CLASSES}
+    peaks = validation_peaks(val_probs, val.clip, val_cls, rules)
     models_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(models_dir / HEAD_FILE, w1=head["w1"], b1=head["b1"])
+    np.savez(models_dir / HEAD_FILE, w1=head["w1"], b1=head["b1"], veto=head["veto"])
     target = compose_events_model(models_dir, check=False)
     sha = hashlib.sha256(target.read_bytes()).hexdigest()
     card = build_card(params_dict=params.to_dict() | {"hash": params.hash()}, sha256=sha,
                       thresholds=thresholds, clips=clips, seed=seed, windows=int(sel.size),
                       validation=val_metrics, temperature=temperature, rules=rules,
-                      onset_lead_ms=lead_ms, val_stream_hours=stream_hours)
+                      onset_lead_ms=lead_ms, val_stream_hours=stream_hours, peaks=peaks)
     write_card(models_dir / CARD_FILE, card)
     elapsed = time.perf_counter() - t0
     logger.info("training took %.1f s (features %.1f s)", elapsed, t_feat)
     return {"thresholds": thresholds, "rules": rules, "onset_lead_ms": lead_ms,
             "temperature": temperature, "validation": val_metrics,
             "seconds": round(elapsed, 1), "sha256": sha}
+
+
+def validation_peaks(probs: np.ndarray, clip: np.ndarray, clip_cls: np.ndarray,
+                     rules: dict[str, dict[str, float]]) -> dict[str, list[float]]:
+    """Per event class, for each validation clip of that class: the highest threshold at which
+    the class's N-of-M confirmation still holds in the clip (the largest, over runs of M
+    consecutive windows, of the N-th highest score). `calibrate` reads the recall a threshold
+    costs from these."""
+    out = {}
+    bounds = np.flatnonzero(np.diff(clip, prepend=-1, append=-1))
+    for c, name in enumerate(EVENT_CLASSES):
+        n, m = int(rules[name]["confirm_n"]), int(rules[name]["confirm_m"])
+        peaks = []
+        for a, b in itertools.pairwise(bounds):
+            if clip_cls[clip[a]] != c:
+                continue
+            seq = probs[a:b, c]
+            if seq.shape[0] < m:
+                seq = np.concatenate([seq, np.zeros(m - seq.shape[0], seq.dtype)])
+            runs = np.lib.stride_tricks.sliding_window_view(seq, m)
+            peaks.append(round(float(np.sort(runs, axis=1)[:, m - n].max()), 4))
+        out[name] = sorted(peaks)
+    return out
 
 
 def _tune_rules(head: dict[str, np.ndarray], val: Windows, val_clips: list[Clip],
@@ -274,15 +338,15 @@ def _tune_rules(head: dict[str, np.ndarray], val: Windows, val_clips: list[Clip]
     validation everyday stream (validation non_fall + background clips joined), then the onset
     lead at the chosen thresholds. Updates `validation` in place; returns (rules, onset lead
     ms, stream hours)."""
-    probs = head_probs(head, val.emb)
+    probs = head_probs(head, val.emb, val.audioset)
     seqs = np.split(probs, np.flatnonzero(np.diff(val.clip)) + 1)
     if len(seqs) != len(val_clips):
         raise MonitorError(f"{len(val_clips)} validation clips gave {len(seqs)} window runs; "
                            "every clip must fill at least one window")
     everyday = [c for c in val_clips if c.cls == "other"]
-    stream = np.concatenate([load_audio(c.path) for c in everyday])
-    stream_probs = head_probs(head, embed_signal(stream, params=params,
-                                                 hop_frames=EVAL_HOP_FRAMES, embedder=embedder))
+    stream = np.concatenate([clip_waveform(c) for c in everyday])
+    stream_probs = head_probs(head, *embed_signal(stream, params=params,
+                                                  hop_frames=EVAL_HOP_FRAMES, embedder=embedder))
     hours = len(stream) / SAMPLE_RATE / 3600.0
     timing = StreamTiming.of(params, stride_frames=EVAL_HOP_FRAMES)
     rules = {}
@@ -295,7 +359,7 @@ def _tune_rules(head: dict[str, np.ndarray], val: Windows, val_clips: list[Clip]
         logger.info("%s: rule %s, validation %s", name, cand, info)
     event_idx = [i for i, c in enumerate(val_clips) if c.cls in EVENT_CLASSES]
     pad = PAD_S * SAMPLE_RATE
-    onsets = [round(pad + true_onset_s(load_audio(val_clips[i].path)) * SAMPLE_RATE)
+    onsets = [round(pad + true_onset_s(clip_waveform(val_clips[i])) * SAMPLE_RATE)
               for i in event_idx]
     cls_of = [EVENT_CLASSES.index(val_clips[i].cls) for i in event_idx]
     clean = onset_lead_ms([seqs[i][:, k] for i, k in zip(event_idx, cls_of, strict=True)],
@@ -303,8 +367,8 @@ def _tune_rules(head: dict[str, np.ndarray], val: Windows, val_clips: list[Clip]
                           [validation[EVENT_CLASSES[k]]["threshold"] for k in cls_of], timing)
     mixed, true = mixed_stream([val_clips[i] for i in event_idx], stream,
                                gap_s=ONSET_GAP_S, seed=0)
-    mixed_probs = head_probs(head, embed_signal(mixed, params=params,
-                                                hop_frames=EVAL_HOP_FRAMES, embedder=embedder))
+    mixed_probs = head_probs(head, *embed_signal(mixed, params=params,
+                                                 hop_frames=EVAL_HOP_FRAMES, embedder=embedder))
     first_hits, true_onsets = [], []
     for c, name in enumerate(EVENT_CLASSES):
         rule = Candidate(threshold=validation[name]["threshold"], release=rules[name]["release"],
@@ -325,10 +389,12 @@ def build_card(*, params_dict: dict[str, Any], sha256: str, thresholds: dict[str
                clips: list[Clip], seed: int, windows: int,
                validation: dict[str, Any], temperature: float,
                rules: dict[str, dict[str, float]], onset_lead_ms: float,
-               val_stream_hours: float) -> dict[str, Any]:
+               val_stream_hours: float, peaks: dict[str, list[float]]) -> dict[str, Any]:
     """Model card, schema 1 (as `monitor.detector.read_card` reads it) plus training facts."""
     sources: dict[tuple[str, str], dict[str, Any]] = {}
     for c in clips:
+        if c.synth is not None:
+            continue
         base = c.source.split(" (")[0]
         entry = sources.setdefault((base, c.license), {"source": base, "license": c.license,
                                                        "labels": [], "clips": 0})
@@ -338,19 +404,22 @@ def build_card(*, params_dict: dict[str, Any], sha256: str, thresholds: dict[str
     return {
         "schema": 1,
         "name": "events",
-        "version": f"yamnet-embedding-logreg-seed{seed}",
+        "version": f"yamnet-embedding-logreg-veto-seed{seed}",
         "description": (
             "YAMNet (models/yamnet.onnx) cut at its 1024-d embedding, then our head: Gemm "
-            f"1024->{len(CLASSES)} (multinomial logistic regression), Softmax. Classes are "
-            "exclusive probabilities; `other` (everyday background) never raises an event. "
-            "Built by `audio-monitor fetch-models` from yamnet.onnx + event-head.npz."),
+            f"1024->{len(CLASSES)} (multinomial logistic regression), Softmax, times an "
+            "open-set gate from YAMNet's own 521 AudioSet scores: an event class's score "
+            "fades to 0 when YAMNet hears an AudioSet class louder than that event's training "
+            "windows ever held it (e.g. Moo, Church bell, Toilet flush under a fall or cough "
+            "score). `other` (everything else) never raises an event. Built by `audio-monitor "
+            "fetch-models` from yamnet.onnx + event-head.npz."),
         "model_file": EVENTS_FILE,
         "sha256": sha256,
         "fetch": "audio-monitor fetch-models",
         "input": {"name": INPUT_NAME, "shape": [1, WINDOW_FRAMES, params_dict["n_mels"]],
                   "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": [1, len(CLASSES)], "dtype": "float32",
-                   "kind": "probabilities"},
+                   "kind": "gated probabilities"},
         "classes": list(CLASSES),
         "frontend": params_dict,
         "window_frames": WINDOW_FRAMES,
@@ -363,13 +432,27 @@ def build_card(*, params_dict: dict[str, Any], sha256: str, thresholds: dict[str
         "training": {
             "head_file": HEAD_FILE,
             "seed": seed,
-            "splits": ("SAFE by fold: 1-5 train, 6 validation, 7-8 test; other clips by "
-                       "sha256(file name) % 10: 0-1 test, 2 validation, 3-9 train"),
+            "splits": ("SAFE by fold: 1-5 train, 6 validation, 7-8 test; RAVDESS by actor "
+                       "(01-06 train, 07-08 validation, 09-12 test); FSDD by speaker "
+                       "(george, lucas, yweweler train; nicolas validation; jackson, theo "
+                       "test); ESC-50 by sha256 of its freesound source id, other clips by "
+                       "sha256(file name), % 10: 0-1 test, 2 validation, 3-9 train; "
+                       "synthetic tonal negatives by seed"),
+            "synthetic_negatives": ("monitor/training/synth.py: IEC 60601-1-8 alarm bursts, "
+                                    "pulse-oximeter beeps, telephone cadences and bells, DTMF, "
+                                    "chimes, smoke alarms, appliance beeps, sines, squares, "
+                                    "clipped tones and sweeps; "
+                                    f"{SYNTH_PER_KIND['train']} x {SYNTH_S:g} s per kind for "
+                                    "training, labelled `other`, clean and under the same "
+                                    "augmentation as every clip"),
+            "open_set_gate": {"quantile": VETO_QUANTILE, "floor": VETO_FLOOR, "ramp": VETO_RAMP,
+                              "from": ("the pass-2 event windows of each class (clean and "
+                                       "augmented)")},
             "augmentation": (f"{N_AUGMENTED} copies per training clip: reverberation "
                              "(exponential-decay noise IR, RT60 0.2-0.9 s), 300-3400 Hz "
-                             "phone band, real background beds (training non_fall + "
-                             "background clips) or coloured noise at 0-25 dB SNR, gain "
-                             "-20..+6 dB"),
+                             "phone band, real background beds (training `other` clips of "
+                             f"{', '.join(BED_SOURCES)}) or coloured noise at 0-25 dB SNR, "
+                             "gain -20..+6 dB"),
             "multiple_instance": ("all windows of `other` clips; of positive clips only the "
                                   "loudest third of windows (pass 1), then windows the pass-1 "
                                   "head scores >= 0.5 plus the best one (pass 2)"),
@@ -382,13 +465,14 @@ def build_card(*, params_dict: dict[str, Any], sha256: str, thresholds: dict[str
                                 "chosen together: precision >= "
                                 f"{TARGET_PRECISION}, recall >= the best plain 1-of-1 rule's, "
                                 "then fewest false alarms on the validation everyday stream "
-                                f"({val_stream_hours:.4f} h: validation non_fall + background "
-                                "clips joined), then fewest near misses, then fastest"),
+                                f"({val_stream_hours:.4f} h: every validation `other` clip "
+                                "joined), then fewest near misses, then fastest"),
             "onset_lead_from": ("every validation event clip added into the validation "
                                 f"everyday stream, one per {ONSET_GAP_S:g} s: median of (end "
                                 "of the first hit window of the event the card rule raises) "
                                 "- (first 10 ms frame within 20 dB of the clip's peak)"),
             "validation": validation,
+            "validation_positive_peaks": peaks,
         },
     }
 
