@@ -28,7 +28,9 @@ CONFIRM = ((1, 1), (2, 2), (2, 3), (3, 4), (3, 5))
 MIN_DURATION_MS = (0.0, 100.0, 200.0)
 RELEASE_FRACTION = (0.5, 0.8)
 """Release as a fraction of the threshold (hysteresis)."""
-THRESHOLDS = tuple(round(float(t), 3) for t in np.arange(0.30, 0.995, 0.01))
+THRESHOLDS = tuple(round(float(t), 3) for t in np.r_[np.arange(0.30, 0.995, 0.01),
+                                                     np.arange(0.991, 0.9995, 0.001)])
+"""0.30-0.99 in steps of 0.01, then 0.991-0.999 in steps of 0.001 (scores crowd near 1)."""
 REFRACTORY_MS = 1000.0
 
 
@@ -117,11 +119,14 @@ def _relaxed(cand: Candidate) -> Candidate:
 
 
 def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_scores: np.ndarray,
-               timing: StreamTiming, *, target_precision: float) -> tuple[Candidate,
+               timing: StreamTiming, *, target_precision: float,
+               false_clip_budget: float = 1.0) -> tuple[Candidate,
                                                                          dict[str, Any]]:
     """Best rule for one class (module docstring). `clip_scores`: this class's score sequence
-    of every validation clip; `stream_scores`: its sequence on the everyday stream."""
+    of every validation clip; `stream_scores`: its sequence on the everyday stream. A rule
+    that raises the class in more than `false_clip_budget` of the other clips is not kept."""
     n_pos = max(int(positive.sum()), 1)
+    n_neg = int((~positive).sum())
     rows = []
     for t in THRESHOLDS:
         for (n, m), dur, frac in itertools.product(CONFIRM, MIN_DURATION_MS, RELEASE_FRACTION):
@@ -132,7 +137,7 @@ def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_score
             hit = _any_event(clip_scores, cand, timing)
             tp, fp = int(np.sum(hit & positive)), int(np.sum(hit & ~positive))
             precision = tp / max(tp + fp, 1)
-            if precision < target_precision:
+            if precision < target_precision or fp > false_clip_budget * n_neg:
                 continue
             fa = len(replay(stream_scores, cand.rule(timing.sample_rate), timing))
             rows.append((cand, tp / n_pos, precision, fa))
