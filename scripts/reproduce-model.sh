@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Retrain the event head from ../shared/data into a scratch folder (no feature cache) and
+# check that it is the shipped one: the composed graph's sha256 (head weights and open-set
+# bounds), the thresholds, the rules and the onset lead in models/events.json.
+# Usage: scripts/reproduce-model.sh   (needs requirements-train.txt installed)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/models"
+cp models/yamnet.onnx models/yamnet.json "$work/models/"
+export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$PWD/.cache/numba}"
+start=$(date +%s)
+.venv/bin/audio-monitor train --models-dir "$work/models" > "$work/train.json"
+echo "reproduce-model: trained in $(( $(date +%s) - start )) s"
+.venv/bin/python - "$work/models/events.json" models/events.json <<'PY'
+import json
+import sys
+
+fresh, shipped = (json.load(open(path, encoding="utf-8")) for path in sys.argv[1:])
+keys = ("sha256", "thresholds", "rules", "onset_lead_ms")
+diff = [k for k in keys if fresh[k] != shipped[k]]
+if diff:
+    for k in diff:
+        print(f"reproduce-model: {k} differs: fresh {fresh[k]!r}, shipped {shipped[k]!r}")
+    sys.exit("reproduce-model: `audio-monitor train` does not reproduce the shipped model")
+print("reproduce-model: the shipped event model is what `audio-monitor train` makes")
+PY
