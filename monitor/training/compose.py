@@ -3,8 +3,9 @@
 YAMNet's weights are not ours to redistribute, so `events.onnx` is never committed: it is
 rebuilt here from `models/yamnet.onnx` plus our small committed head (`event-head.npz`),
 deterministically, and checked against the sha256 in its card `events.json`.
-The cut point is the 1024-d embedding YAMNet computes before its own classifier (global
-average pool -> reshape -> quantise/dequantise), exactly what the head was trained on.
+The head reads the 1024-d embedding YAMNet computes before its own classifier (global
+average pool -> reshape -> quantise/dequantise), exactly what the head was trained on; the
+open-set gate reads YAMNet's own AudioSet scores (its classifier, kept beside the head).
 """
 
 from __future__ import annotations

@@ -346,7 +346,7 @@ def _tune_rules(head: dict[str, np.ndarray], val: Windows, val_clips: list[Clip]
                 val_cls: np.ndarray, *, params: Any, embedder: Embedder,
                 validation: dict[str, Any]) -> tuple[dict[str, dict[str, float]], float, float]:
     """Per-class rules and thresholds (`monitor.training.rules`) on validation clips and a
-    validation everyday stream (validation non_fall + background clips joined), then the onset
+    validation everyday stream (every validation `other` clip joined), then the onset
     lead at the chosen thresholds. Updates `validation` in place; returns (rules, onset lead
     ms, stream hours)."""
     probs = head_probs(head, val.emb, val.audioset)
