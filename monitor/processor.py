@@ -266,14 +266,19 @@ class Processor:
     def _on_frame(self, frame: np.ndarray) -> None:
         if self.frames == 0:
             self._push_lead_in()
-        self.detector.push(frame)
-        self.frames += 1
-        timing = self.timing
         for scorer in self.machines:
-            reading = scorer.update(frame, timing.frame_end(self.frames - 1),
+            reading = scorer.update(frame, self.timing.frame_end(self.frames),
                                     self.meter.rms_dbfs)
             if reading is not None:
                 self._on_machine(reading)
+        self._push(frame)
+
+    def _push(self, frame: np.ndarray) -> None:
+        """Push a frame into the detector and score the window it completes, if it does
+        one. The end-of-stream padding comes here directly (machines see only audio)."""
+        self.detector.push(frame)
+        self.frames += 1
+        timing = self.timing
         if (self.frames - timing.window_frames) % timing.stride_frames == 0:
             self._score()
 
@@ -297,14 +302,6 @@ class Processor:
         n = self._lead_frontend.process(self._lead, self._lead_out)
         for i in range(n):
             self.detector.push(self._lead_out[i])
-
-    def _pad(self, frame: np.ndarray) -> None:
-        """Push an end-of-stream frame: the detector only (machines and meter see audio)."""
-        self.detector.push(frame)
-        self.frames += 1
-        timing = self.timing
-        if (self.frames - timing.window_frames) % timing.stride_frames == 0:
-            self._score()
 
     def _on_machine(self, reading: MachineReading) -> None:
         self.sink.on_machine(reading)
@@ -353,11 +350,11 @@ class Processor:
             zeros = (frames_with_audio - 1) * timing.hop + timing.window - self.samples
             n = self.frontend.process(self._zeros[:max(zeros, 0)], self._frames)
             for i in range(n):
-                self._pad(self._frames[i])
+                self._push(self._frames[i])
             last_real = self.frames - 1
             silence = self.detector.silence
             while self._next_scored_frame() - timing.window_frames < last_real:
-                self._pad(silence)  # the next window still starts at or before last_real
+                self._push(silence)  # the next window still starts at or before last_real
         for transition in self.events.flush(self.samples):
             self.sink.on_transition(transition)
         for scorer in self.machines:
