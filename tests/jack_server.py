@@ -64,13 +64,21 @@ class JackServer:
         log.close()
         self.pid_path.write_text(str(self.proc.pid))
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            lsp = subprocess.run(["jack_lsp"], env=self.env, capture_output=True, timeout=5)
-            if lsp.returncode == 0 and b"system:capture_1" in lsp.stdout:
-                return
-            time.sleep(0.05)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                try:
+                    lsp = subprocess.run(["jack_lsp"], env=self.env, capture_output=True,
+                                         timeout=5)
+                except subprocess.TimeoutExpired:  # a loaded machine: ask again
+                    continue
+                if lsp.returncode == 0 and b"system:capture_1" in lsp.stdout:
+                    return
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()  # never leave a jackd behind (it outlives us: setsid)
+            raise
         tail = self.log_path.read_text(errors="replace")[-400:]
         self.stop()
         raise RuntimeError(f"jackd -n {self.name} did not become ready: {tail!r}")
