@@ -8,7 +8,7 @@ profile="${1:-run}"
 # gcc, libc6-dev and python3-dev build the ahead-of-time kernels (monitor/jit.py) and the
 # C capture callback (monitor/native_capture.py).
 packages=(libportaudio2 libsndfile1 python3-venv gcc libc6-dev python3-dev)
-[ "$profile" = dev ] && packages+=(jackd2 tmux systemd mosquitto)
+[ "$profile" = dev ] && packages+=(jackd2 tmux systemd mosquitto espeak-ng)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

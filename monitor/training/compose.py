@@ -174,9 +174,22 @@ def events_model_bytes(yamnet_path: Path, head: dict[str, np.ndarray]) -> bytes:
         node.output[:] = ["yamnet.audioset" if o == AUDIOSET_TENSOR else o for o in node.output]
         node.input[:] = ["yamnet.audioset" if i == AUDIOSET_TENSOR else i for i in node.input]
     layers = ["1", "2"] if "w2" in head else ["1"]
-    last = EMBEDDING_TENSOR
+    embedding, audioset = EMBEDDING_TENSOR, "yamnet.audioset"
+    if "veto" in head:
+        # Training reads features rounded to float16 (its cache): round here too, so the
+        # thresholds chosen near 1 and the gate's 0.1 ramp see the values they were set on.
+        for name in ("embedding", "audioset"):
+            source = embedding if name == "embedding" else audioset
+            g.node.extend([
+                helper.make_node("Cast", [source], [f"head.{name}_f16"],
+                                 to=TensorProto.FLOAT16, name=f"head_{name}_to_f16"),
+                helper.make_node("Cast", [f"head.{name}_f16"], [f"head.{name}"],
+                                 to=TensorProto.FLOAT, name=f"head_{name}_to_f32"),
+            ])
+        embedding, audioset = "head.embedding", "head.audioset"
+    last = embedding
     if with_audioset:
-        g.node.append(helper.make_node("Concat", [EMBEDDING_TENSOR, "yamnet.audioset"],
+        g.node.append(helper.make_node("Concat", [embedding, audioset],
                                        ["head.input"], axis=1, name="head_concat"))
         last = "head.input"
     for i, layer in enumerate(layers):
@@ -203,7 +216,7 @@ def events_model_bytes(yamnet_path: Path, head: dict[str, np.ndarray]) -> bytes:
         g.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), "head.one"))
         g.node.extend([
             helper.make_node("Softmax", [last], ["head.probs"], axis=-1, name="head_softmax"),
-            helper.make_node("Sub", ["yamnet.audioset", "head.veto"], ["head.excess_all"],
+            helper.make_node("Sub", [audioset, "head.veto"], ["head.excess_all"],
                              name="head_veto_sub"),
             helper.make_node("ReduceMax", ["head.excess_all", "head.axis1"], ["head.excess"],
                              keepdims=0, name="head_veto_max"),

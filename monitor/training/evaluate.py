@@ -241,23 +241,29 @@ def espeak_speech() -> np.ndarray | None:
 
     exe = shutil.which("espeak-ng")
     if exe is None:
-        logger.warning("espeak-ng is not installed: no synthetic speech stream")
+        logger.warning("espeak-ng is not installed (scripts/setup.sh dev installs it): no "
+                       "synthetic speech stream, and the streams total less than the card's")
         return None
     pieces = []
     for i, voice in enumerate(ESPEAK_VOICES):
         for j, variant in enumerate(ESPEAK_VARIANTS):
             for k, sentence in enumerate(ESPEAK_SENTENCES):
                 speed = 130 + (i * 7 + j * 13 + k * 17) % 70
-                raw = subprocess.run([exe, "-v", f"{voice}+{variant}", "-s", str(speed),
-                                      "--stdout", sentence], capture_output=True,
-                                     check=True).stdout
+                try:
+                    raw = subprocess.run([exe, "-v", f"{voice}+{variant}", "-s", str(speed),
+                                          "--stdout", sentence], capture_output=True,
+                                         check=True, timeout=60).stdout
+                except subprocess.SubprocessError as err:
+                    logger.warning("espeak-ng voice %s+%s failed (%s): skipped", voice,
+                                   variant, err)
+                    continue
                 with tempfile.NamedTemporaryFile(suffix=".wav") as fh:
                     fh.write(raw)
                     fh.flush()
                     x, rate = sf.read(fh.name, dtype="float32")
                 pieces.append(resample_poly(x, SAMPLE_RATE, rate).astype(np.float32))
                 pieces.append(np.zeros(SAMPLE_RATE // 4, np.float32))
-    return np.concatenate(pieces)
+    return np.concatenate(pieces) if pieces else None
 
 
 def _augmented(detector: Detector, config: Any, background: np.ndarray,
