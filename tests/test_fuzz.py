@@ -17,26 +17,17 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_messages import samples
 
 from monitor.alert import load_alert_config, parse_ack
 from monitor.catchup import parse_request
 from monitor.config import load_config
 from monitor.errors import ConfigError, MessageError
-from monitor.messages import Event, Level, Scores, Status, decode, encode
+from monitor.messages import decode, encode
 from monitor.proxy import load_proxy_config
 
 REPO = Path(__file__).resolve().parents[1]
-HEADER = {"sensor_id": "room-101", "seq": 7, "ts": 1700000000.25}
-VALID = [
-    Event(**HEADER, event_id="x-fall-1", label="Thump, thud", phase="start", onset_s=1.5,
-          offset_s=None, onset_time=1700000001.5, offset_time=None, peak_score=0.9,
-          threshold=0.5),
-    Level(**HEADER, t_audio_s=0.1, rms_dbfs=-40.0, peak_dbfs=-20.0, mel=[-3.0, -2.5]),
-    Scores(**HEADER, t_audio_s=0.96, top=[("Cough", 0.8, 0.4), ("Speech", 0.1, None)]),
-    Status(**HEADER, state="running", source="mic:x", uptime_s=3.0, t_audio_s=2.9,
-           counters={"frames": 290}, inference_ms_p50=1.2, inference_ms_max=2.0,
-           dc_offset=0.0, last_error=None),
-]
+VALID = samples()
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 

@@ -149,6 +149,11 @@ def read_clips(data_dir: Path, *, extra: bool = True, synthetic: bool = True) ->
     return clips
 
 
+SYNTH_S = 6.0
+SYNTH_PER_KIND = {"train": 24, "val": 6, "test": 8}
+"""Length and count per kind and split of the synthetic tonal negatives."""
+
+
 def synthetic_clips() -> list[Clip]:
     """The synthetic tonal negatives: SYNTH_PER_KIND clips of SYNTH_S seconds per kind and
     split, each from its own seed (splits never share a seed)."""
@@ -164,10 +169,6 @@ def synthetic_clips() -> list[Clip]:
                                   "negatives (monitor/training/synth.py)", license="Apache-2.0",
                                   split=split, channel="", synth=(kind, seed)))
     return clips
-
-
-SYNTH_S = 6.0
-SYNTH_PER_KIND = {"train": 24, "val": 6, "test": 8}
 
 
 def clip_waveform(clip: Clip, *, max_s: float | None = None) -> np.ndarray:

@@ -197,22 +197,22 @@ def _streams(test: list[Clip]) -> dict[str, np.ndarray]:
 
 def _stream_false_alarms(detector: Detector, config: Any, audio: np.ndarray, tmp: Path, *,
                          label: str) -> dict[str, Any]:
-    hours = len(audio) / SAMPLE_RATE / 3600.0
     counts = {name: 0 for name in EVENT_CLASSES}
     for e in _run(detector, config, audio, tmp):
         counts[e.label] += 1
-    return ({name: round(counts[name] / hours, 2) for name in EVENT_CLASSES} | {
-        "stream": label, "stream_hours": round(hours, 4), "events": counts,
-        "upper_95_per_hour": {name: round(_poisson_upper(k) / hours, 1)
-                              for name, k in counts.items()}})
+    return _rates(counts, len(audio) / SAMPLE_RATE / 3600.0, label)
 
 
 def _total(fa: dict[str, Any]) -> dict[str, Any]:
-    hours = sum(v["stream_hours"] for v in fa.values())
     counts = {name: sum(v["events"][name] for v in fa.values()) for name in EVENT_CLASSES}
+    return _rates(counts, sum(v["stream_hours"] for v in fa.values()),
+                  "all held-out streams together")
+
+
+def _rates(counts: dict[str, int], hours: float, label: str) -> dict[str, Any]:
+    """Events per hour of each class, the counts and their Poisson 95 % upper bounds."""
     return ({name: round(counts[name] / hours, 2) for name in EVENT_CLASSES} | {
-        "stream": "all held-out streams together", "stream_hours": round(hours, 4),
-        "events": counts,
+        "stream": label, "stream_hours": round(hours, 4), "events": counts,
         "upper_95_per_hour": {name: round(_poisson_upper(k) / hours, 1)
                               for name, k in counts.items()}})
 
