@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-READY_TIMEOUT_S = 10.0
+READY_TIMEOUT_S = 20.0
+START_ATTEMPTS = 2
 REQUIRE_ENV = "AUDIO_MONITOR_REQUIRE_JACK"  # set to 1 in CI: a missing jackd fails, not skips
 
 
@@ -55,8 +56,20 @@ class JackServer:
         self.env["JACK_NO_START_SERVER"] = "1"
 
     def start(self) -> None:
-        """Start jackd and wait until `jack_lsp` sees its ports."""
+        """Start jackd and wait until `jack_lsp` sees its ports. JACK's shared metadata
+        database is cleared first (see `clear_stale_metadata`); a start that does not become
+        ready is tried once more."""
         jackd = require_jackd()
+        failure = ""
+        for _ in range(START_ATTEMPTS):
+            clear_stale_metadata()
+            failure = self._start_once(jackd)
+            if not failure:
+                return
+        raise RuntimeError(f"jackd -n {self.name} did not become ready: {failure}")
+
+    def _start_once(self, jackd: str) -> str:
+        """One start; '' when ready, else what was seen (the server is stopped)."""
         cmd = [jackd, "--no-realtime", "-n", self.name, "-d", "dummy",
                "-r", str(self.rate), "-p", str(self.period)]
         log = self.log_path.open("ab")
@@ -64,6 +77,7 @@ class JackServer:
         log.close()
         self.pid_path.write_text(str(self.proc.pid))
         deadline = time.monotonic() + READY_TIMEOUT_S
+        lsp_said = b""
         try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -71,17 +85,19 @@ class JackServer:
                 try:
                     lsp = subprocess.run(["jack_lsp"], env=self.env, capture_output=True,
                                          timeout=5)
-                except subprocess.TimeoutExpired:  # a loaded machine: ask again
+                except subprocess.TimeoutExpired:  # a loaded machine, or a wedged metadata DB
+                    lsp_said = b"jack_lsp timed out"
                     continue
                 if lsp.returncode == 0 and b"system:capture_1" in lsp.stdout:
-                    return
+                    return ""
+                lsp_said = lsp.stderr[-200:]
                 time.sleep(0.05)
         except BaseException:
             self.stop()  # never leave a jackd behind (it outlives us: setsid)
             raise
-        tail = self.log_path.read_text(errors="replace")[-400:]
+        tail = self.log_path.read_text(errors="replace")[-300:]
         self.stop()
-        raise RuntimeError(f"jackd -n {self.name} did not become ready: {tail!r}")
+        return f"log {tail!r}; jack_lsp {lsp_said!r}"
 
     def pause(self) -> None:
         """Freeze the server (SIGSTOP): the device stops delivering, like a hung driver."""
@@ -112,6 +128,31 @@ class JackServer:
                 proc.kill()
                 proc.wait(timeout=10)
         self.pid_path.unlink(missing_ok=True)
+
+
+def _jackd_running() -> bool:
+    """Whether any jackd process of any name is alive on this machine."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv0 = (proc / "cmdline").read_bytes().split(b"\0", 1)[0]
+        except OSError:
+            continue
+        if argv0.endswith(b"jackd"):
+            return True
+    return False
+
+
+def clear_stale_metadata() -> None:
+    """Remove JACK's metadata database (Berkeley DB in /dev/shm/jack_db-<uid>) when no jackd is
+    running. Every JACK server and client joins that one environment whatever the server name;
+    a process killed while creating or holding it (kill -9 of a daemon is a test here) leaves
+    it unjoinable, and every later jackd and jack_lsp hangs or fails on it. Left alone while
+    any jackd runs: it may be a user's."""
+    if _jackd_running():
+        return
+    shutil.rmtree(f"/dev/shm/jack_db-{os.getuid()}", ignore_errors=True)
 
 
 def stop_stale(pid_path: Path) -> None:
