@@ -630,7 +630,7 @@ class AlertDaemon:
                          "stale": 0, "catchup_requests": 0, "catchup_events": 0,
                          "catchup_failures": 0, "catchup_resets": 0, "acks": 0}
         self.refusals = Refusals(logger, "alert")
-        """`bad_messages` by reason: frames, too_large, not_json, schema, topic, ack_*."""
+        """`bad_messages` by reason: frames, too_large, not_json, version, schema, topic, ack_*."""
         self.health = Health("alert daemon")
         self.dispatcher = Dispatcher(config, context=self.context, clock=clock)
         self.ack_endpoint = ""

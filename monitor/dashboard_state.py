@@ -101,7 +101,7 @@ class DashboardState:
         self.received = 0
         self.decode_errors = 0
         self.bad_messages: Counter[str] = Counter()
-        """`decode_errors` by reason (frames, too_large, not_json, schema, topic)."""
+        """`decode_errors` by reason (frames, too_large, not_json, version, schema, topic)."""
         self.last_decode_error: str | None = None
         self.class_filter: str | None = None
         self.sensor_filter: str | None = None

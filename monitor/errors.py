@@ -30,7 +30,7 @@ class MessageError(MonitorError):
     """A wire message is malformed or of an unknown schema version.
 
     `reason` is a short category for counters (``bad_messages`` by reason): frames,
-    too_large, not_json, schema, topic, refused.
+    too_large, not_json, version, schema, topic, refused.
     """
 
     def __init__(self, message: str, *, reason: str = "schema") -> None:

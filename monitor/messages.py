@@ -38,7 +38,8 @@ class _Wire(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     """Fields every message carries; `type` is the tag that picks the message class."""
 
     v: Literal[1] = SCHEMA_VERSION
-    """Schema version; a subscriber refuses any other."""
+    """Schema version; a subscriber refuses any other, and a body without it (`decode`).
+    The default is for building messages; every encoder writes it."""
     sensor_id: SensorId
     seq: Count
     """Per-sensor counter, +1 per message."""
@@ -175,8 +176,16 @@ def _enc_hook(obj: object) -> object:
     raise NotImplementedError(f"cannot encode {type(obj).__name__}")
 
 
+class _Version(msgspec.Struct):
+    """Only the version, and required: the message Structs give `v` a default so code can
+    build them, which would let a body without `v` decode as version 1."""
+
+    v: Literal[1]
+
+
 _ENCODER = msgspec.json.Encoder(enc_hook=_enc_hook)
 _DECODER = msgspec.json.Decoder(Message)
+_VERSION = msgspec.json.Decoder(_Version)
 
 
 def encode(message: Message) -> list[bytes]:
@@ -199,7 +208,9 @@ def encode(message: Message) -> list[bytes]:
 
 def decode(frames: list[bytes]) -> Message:
     """``[topic, json]`` frames -> message; anything malformed raises MessageError (one line
-    naming the key path, e.g. ``$.peak_score: expected `float`, got `str```)."""
+    naming the key path, e.g. ``$.peak_score: expected `float`, got `str```). A body whose
+    ``v`` is missing or not 1 is refused with reason ``version``: every encoder of this
+    contract has always written it, so a body without it was not made by one."""
     if len(frames) != 2:
         raise MessageError(f"expected 2 frames [topic, json], got {len(frames)}",
                            reason="frames")
@@ -209,9 +220,15 @@ def decode(frames: list[bytes]) -> Message:
     try:
         message: Message = _DECODER.decode(frames[1])
     except msgspec.ValidationError as err:
-        raise MessageError(describe(err)) from err
+        text = describe(err)
+        raise MessageError(text, reason="version" if text.startswith("$.v:") else "schema") \
+            from err
     except msgspec.DecodeError as err:
         raise MessageError(f"message body is not JSON: {err}", reason="not_json") from err
+    try:
+        _VERSION.decode(frames[1])
+    except msgspec.ValidationError as err:
+        raise MessageError(describe(err), reason="version") from err
     if frames[0] != message.topic.encode("ascii"):
         raise MessageError(f"topic {frames[0]!r:.80} does not match a {message.TYPE} message "
                            f"({message.topic!r})", reason="topic")

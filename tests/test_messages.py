@@ -76,6 +76,22 @@ def test_malformed_messages_are_refused(frames: list[bytes], expected: str) -> N
         decode(frames)
 
 
+@pytest.mark.parametrize("message", samples(), ids=lambda m: type(m).__name__)
+def test_a_body_without_its_version_is_refused(message: object) -> None:
+    """Every encoder writes `v`; the Structs' default for building messages must not let a
+    body without it decode as version 1."""
+    topic, body = encode(message)  # type: ignore[arg-type]
+    fields = json.loads(body)
+    del fields["v"]
+    with pytest.raises(MessageError, match=re.escape("$: object missing required field `v`")) \
+            as refused:
+        decode([topic, json.dumps(fields).encode()])
+    assert refused.value.reason == "version"
+    with pytest.raises(MessageError) as wrong:
+        decode([topic, json.dumps({**fields, "v": 2}).encode()])
+    assert wrong.value.reason == "version"
+
+
 def test_topic_must_match_body() -> None:
     frames = encode(samples()[1])  # type: ignore[arg-type]
     with pytest.raises(MessageError, match="does not match"):

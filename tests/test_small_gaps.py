@@ -136,7 +136,8 @@ def test_full_disk_sets_status_degraded(tmp_path: Path, recording: Path,  # noqa
 @pytest.mark.parametrize("command", ["listen", "dashboard"])
 def test_subscribers_survive_wrongly_typed_events(tmp_path: Path, command: str) -> None:
     """`"label": 123`, `"peak_score": "high"` and 200,000 nested `[` used to end `listen` and
-    `dashboard --once` (and the alert daemon); now they are counted and the good one shown."""
+    `dashboard --once` (and the alert daemon); now they are counted and the good one shown.
+    A body without `v` used to be taken as version 1; now it is refused as `version`."""
     import zmq
 
     from monitor.messages import Event, encode
@@ -160,6 +161,9 @@ def test_subscribers_survive_wrongly_typed_events(tmp_path: Path, command: str) 
         for bad in ({**fields, "label": 123}, {**fields, "peak_score": "high"}):
             pub.send_multipart([topic, json.dumps(bad).encode()])
         pub.send_multipart([topic, b"[" * 200_000])
+        no_version = {**fields, "event_id": "no-v"}  # would be shown first if accepted
+        del no_version["v"]
+        pub.send_multipart([topic, json.dumps(no_version).encode()])
         pub.send_multipart([topic, body])
         out, err = process.communicate(timeout=60)
     finally:
@@ -171,6 +175,6 @@ def test_subscribers_survive_wrongly_typed_events(tmp_path: Path, command: str) 
     assert "Traceback" not in err
     if command == "listen":
         assert json.loads(out)["event_id"] == "e1"
-        assert "bad_messages by reason: {'schema': 3}" in err
+        assert "bad_messages by reason: {'schema': 3, 'version': 1}" in err
     else:
-        assert "room-1" in out and "bad 3 (schema 3)" in out
+        assert "room-1" in out and "bad 4 (schema 3, version 1)" in out
