@@ -385,3 +385,24 @@ def test_rule_tuning_refuses_rules_that_raise_too_many_negative_clips() -> None:
     # at most 2 of 100 negatives may raise it: a 2-window confirmation does it
     assert info["recall"] == 1.0
     assert not any(replay(n, strict.rule(timing.sample_rate), timing) for n in neg)
+
+
+@need_events
+def test_recall_in_background_follows_the_mixing_level(shared_data: Path,
+                                                        tmp_path: Path) -> None:
+    """The recall-with-a-background figure of the card: an event 60 dB above a background is
+    found as when alone; 40 dB under a loud tone bed it is buried and not found."""
+    from monitor.training.streams import recall_in_background
+    from monitor.training.synth import tonal
+
+    falls = [c for c in read_clips(shared_data, extra=False, synthetic=False)
+             if c.split == "test" and c.label == "fall"][:6]
+    alone = _labels_found([c.path for c in falls])
+    config = load_config(None, overrides={"model.path": str(EVENTS)})
+    bed = tonal("iec_alarm", seconds=20.0, seed=424242)
+    got = recall_in_background(Detector(EVENTS), config, falls, {"alarm": bed}, tmp_path,
+                               snrs_db=(60.0, -40.0))
+    assert got["alarm"]["60 dB"]["fall"] == pytest.approx(
+        sum("fall" in f for f in alone) / len(falls), abs=1e-4)
+    assert got["alarm"]["60 dB"]["fall"] >= 0.5
+    assert got["alarm"]["-40 dB"]["fall"] == 0.0

@@ -232,15 +232,16 @@ def mixed_stream(events: list[Clip], background: np.ndarray, *, gap_s: float,
     return stream, onsets
 
 
-def _rms(x: np.ndarray) -> float:
+def rms(x: np.ndarray) -> float:
+    """Root mean square of a signal (float64 sums)."""
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)) + 1e-12))
 
 
-def _active_rms(x: np.ndarray) -> float:
+def active_rms(x: np.ndarray) -> float:
     """RMS of the loudest 20 % of 20 ms frames: the event's level, not its silences."""
     frames = x[: len(x) // 320 * 320].reshape(-1, 320)
     if frames.shape[0] == 0:
-        return _rms(x)
+        return rms(x)
     energy = np.sort(np.mean(np.square(frames, dtype=np.float64), axis=1))
     top = energy[-max(1, energy.shape[0] // 5):]
     return float(np.sqrt(top.mean() + 1e-12))
@@ -273,7 +274,7 @@ def augment(x: np.ndarray, *, rng: np.random.Generator, beds: list[np.ndarray],
         y = _reverb(y, rng)
     if rng.random() < phone_p:
         y = _phone(y)
-    level = _active_rms(y)
+    level = active_rms(y)
     if beds and rng.random() < 0.7:
         bed = beds[int(rng.integers(len(beds)))]
         reps = -(-len(y) // len(bed))
@@ -285,7 +286,7 @@ def augment(x: np.ndarray, *, rng: np.random.Generator, beds: list[np.ndarray],
         tilt = rng.uniform(0.0, 0.98)  # 0 = white, near 1 = strongly low-passed (brown-ish)
         noise = signal.lfilter([1.0], [1.0, -tilt], white).astype(np.float32)
     snr_db = rng.uniform(0.0, 25.0)
-    noise_level = _rms(noise)
+    noise_level = rms(noise)
     if noise_level > 1e-6:
         y = y + noise * (level / noise_level * 10.0 ** (-snr_db / 20.0))
     y *= 10.0 ** (rng.uniform(-20.0, 6.0) / 20.0)
