@@ -28,6 +28,7 @@ from monitor.training.compose import (
 )
 from monitor.training.dataset import CLASSES, Clip, mixed_stream, read_clips, split_of
 from monitor.training.features import Windows
+from monitor.training.head import choose_threshold, head_probs, pick_windows
 from monitor.training.rules import (
     StreamTiming,
     onset_lead_ms,
@@ -35,7 +36,6 @@ from monitor.training.rules import (
     stream_onset_lead_ms,
     tune_class,
 )
-from monitor.training.train import choose_threshold, head_probs, pick_windows
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"

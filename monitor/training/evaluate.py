@@ -34,6 +34,7 @@ from monitor.errors import MonitorError
 from monitor.training.compose import CARD_FILE, EVENTS_FILE, HEAD_FILE, head_arrays
 from monitor.training.dataset import CLASSES, EVENT_CLASSES, Clip, clip_waveform, read_clips
 from monitor.training.features import class_index, extract
+from monitor.training.head import clip_max, head_probs
 from monitor.training.report import format_table, write_report
 from monitor.training.streams import (
     augmented_false_alarms,
@@ -45,7 +46,7 @@ from monitor.training.streams import (
     stream_false_alarms,
     total_false_alarms,
 )
-from monitor.training.train import EVAL_HOP_FRAMES, clip_max, head_probs
+from monitor.training.train import EVAL_HOP_FRAMES
 from monitor.yamnet import MODEL_FILE
 
 logger = logging.getLogger(__name__)

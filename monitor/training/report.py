@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from monitor.training.dataset import CLASSES, EVENT_CLASSES, SAMPLE_RATE
+from monitor.training.head import pr_curve
 from monitor.training.streams import ONSET_GAP_S
-from monitor.training.train import pr_curve
 
 if TYPE_CHECKING:
     from monitor.training.evaluate import Evaluation
