@@ -39,8 +39,8 @@ SPAWN_TIMEOUT_S = 30.0
 
 def _sensor(endpoint: str, sensor_id: str, conn: Connection) -> None:
     """One sensor: binds its PUB and obeys `ping`, `run` and `stop` from the parent."""
-    from monitor.messages import Event, Level
-    from monitor.publisher import Publisher
+    from monitor.outputs.publisher import Publisher
+    from monitor.protocol.messages import Event, Level
 
     mel = [round(-3.0 - 0.137 * i, 6) for i in range(MEL_BANDS)]
     publisher = Publisher(endpoint, sensor_id=sensor_id, send_hwm=1000)
@@ -96,7 +96,7 @@ def _sensor(endpoint: str, sensor_id: str, conn: Connection) -> None:
 
 def _proxy(config_path: str, conn: Connection) -> None:
     """The real proxy, built from a fleet.yaml, until the parent says stop."""
-    from monitor.proxy import Proxy, load_proxy_config
+    from monitor.apps.proxy import Proxy, load_proxy_config
 
     proxy = Proxy(load_proxy_config(Path(config_path)))
     proxy.start()
@@ -113,7 +113,7 @@ def _subscriber(endpoints: list[str], sensor_ids: list[str], conn: Connection) -
     import numpy as np
     import zmq
 
-    from monitor.messages import decode
+    from monitor.protocol.messages import decode
 
     context = zmq.Context()
     sub = context.socket(zmq.SUB)

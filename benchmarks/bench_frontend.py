@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from monitor.frontend import FrontendParams, bench_hop_us, hann_periodic, mel_filterbank
+from monitor.dsp.frontend import FrontendParams, bench_hop_us, hann_periodic, mel_filterbank
 
 
 def _per_call_us(step: Callable[[], object], n: int) -> float:

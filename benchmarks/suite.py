@@ -27,7 +27,7 @@ import soundfile as sf
 
 from benchmarks.bench_fleet import bench_fleet, render_rows
 from benchmarks.bench_frontend import librosa_hop_us, numpy_hop_us, torchaudio_hop_us
-from monitor.frontend import Frontend, FrontendParams, bench_hop_us, logmel_of
+from monitor.dsp.frontend import Frontend, FrontendParams, bench_hop_us, logmel_of
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("AUDIO_MONITOR_DATA", REPO.parent / "shared" / "data"))
@@ -134,7 +134,7 @@ def bench_frontend_offline(audio: np.ndarray) -> dict[str, Any]:
 
 
 def bench_inference(quick: bool) -> dict[str, Any]:
-    from monitor.detector import Detector
+    from monitor.detect.detector import Detector
 
     results: dict[str, Any] = {}
     for name in ("events", "yamnet"):
@@ -163,9 +163,9 @@ def bench_analyze(path: Path) -> dict[str, Any]:
     """`analyze` (our chain) against the same chain written with librosa + the same model."""
     import onnxruntime as ort
 
-    from monitor.analyze import analyze_file
+    from monitor.apps.analyze import analyze_file
     from monitor.config import load_config
-    from monitor.detector import Detector
+    from monitor.detect.detector import Detector
 
     model = REPO / "models" / ("events.onnx" if (REPO / "models" / "events.onnx").is_file()
                                else "yamnet.onnx")
@@ -204,7 +204,7 @@ def bench_analyze(path: Path) -> dict[str, Any]:
 def _subscribe(endpoint: str, count: int, queue: Any) -> None:
     import zmq
 
-    from monitor.messages import Scores, decode
+    from monitor.protocol.messages import Scores, decode
 
     sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt_string(zmq.SUBSCRIBE, "scores")
@@ -222,11 +222,11 @@ def _subscribe(endpoint: str, count: int, queue: Any) -> None:
 def bench_latency(path: Path, seconds: float) -> dict[str, Any]:
     """Last sample of a window entering the ring -> its `scores` message at a subscriber
     process. perf_counter is CLOCK_MONOTONIC, shared by both processes on Linux."""
+    from monitor.capture.sources import Source
     from monitor.config import load_config
-    from monitor.daemon import Daemon
-    from monitor.detector import Detector
-    from monitor.publisher import Publisher
-    from monitor.sources import Source
+    from monitor.detect.detector import Detector
+    from monitor.outputs.publisher import Publisher
+    from monitor.service.daemon import Daemon
 
     audio, _ = sf.read(str(path), dtype="float32", frames=int(seconds * RATE))
     block = RATE // 100
@@ -380,7 +380,7 @@ def bench_resources(path: Path, config: Path, seconds: float) -> dict[str, Any]:
     the real daemon (event model + one anomaly scorer): kernels compiled ahead of time (the
     set-up's build) against just in time (AUDIO_MONITOR_JIT=1) from a cold and a warm Numba
     cache."""
-    from monitor.jit import JIT_ENV, is_fresh
+    from monitor.dsp.jit import JIT_ENV, is_fresh
 
     results: dict[str, Any] = {"ahead_of_time_built": is_fresh()}
     with tempfile.TemporaryDirectory() as folder:
@@ -406,7 +406,7 @@ def bench_threads(path: Path, config: Path, seconds: float) -> dict[str, Any]:
     the cost of spinning is visible. Rounds in opposite orders, `seconds` in all each."""
     import yaml
 
-    from monitor.detector import ORT_SPINNING_ENV
+    from monitor.detect.detector import ORT_SPINNING_ENV
 
     runs = [("1", 1, "0"), ("2", 2, "0"), ("2_spinning", 2, "1"), ("4", 4, "0"),
             ("4_spinning", 4, "1")]
@@ -437,8 +437,8 @@ def bench_live_mic(config: Path, seconds: float) -> dict[str, Any]:
     always runs first (or last) on this shared machine."""
     import shutil
 
-    from monitor.jit import JIT_ENV
-    from monitor.native_capture import PYTHON_CAPTURE_ENV, load
+    from monitor.capture.native_capture import PYTHON_CAPTURE_ENV, load
+    from monitor.dsp.jit import JIT_ENV
 
     if shutil.which("jackd") is None or shutil.which("jack_lsp") is None:
         return {"skipped": "jackd not installed (Debian jackd2)"}

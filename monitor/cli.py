@@ -175,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="folder for the HTML/PNG report")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
-    from monitor.service import add_install_service
+    from monitor.service.systemd import add_install_service
 
     add_install_service(sub)
     return parser
@@ -199,11 +199,11 @@ def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> 
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from monitor.daemon import Daemon, wait_for_source
-    from monitor.detector import Detector
-    from monitor.jit import aot_status
-    from monitor.outputs import Output
-    from monitor.publisher import PublishingStack
+    from monitor.detect.detector import Detector
+    from monitor.dsp.jit import aot_status
+    from monitor.outputs.composer import Output
+    from monitor.outputs.publisher import PublishingStack
+    from monitor.service.daemon import Daemon, wait_for_source
 
     overrides: dict[str, Any] = {}
     if args.source:
@@ -232,13 +232,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     outputs: list[Output] = []  # beside ZeroMQ, which numbers and journals every message
     metrics = None
     if args.metrics:
-        from monitor.metrics import MetricsServer, parse_address
+        from monitor.outputs.metrics import MetricsServer, parse_address
 
         metrics_address = parse_address(args.metrics)
         metrics = MetricsServer()
         outputs.append(metrics.output())
     if config.mqtt.enabled:
-        from monitor.mqtt import MqttOutput
+        from monitor.outputs.mqtt import MqttOutput
 
         outputs.append(MqttOutput(config.mqtt, sensor_id=config.sensor_id,
                                   state_dir=config.state_dir, journal_path=stack.journal.path))
@@ -279,7 +279,7 @@ def _toggle(flag: threading.Event) -> None:
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:
-    from monitor.sources import list_input_devices
+    from monitor.capture.sources import list_input_devices
 
     devices = list_input_devices()
     if not devices:
@@ -295,8 +295,8 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     import zmq
 
     from monitor.errors import MessageError
-    from monitor.messages import decode, to_dict
-    from monitor.schema import Refusals
+    from monitor.protocol.messages import decode, to_dict
+    from monitor.protocol.schema import Refusals
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="audio-monitor: %(message)s")
@@ -339,8 +339,8 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from monitor.analyze import analyze
-    from monitor.detector import Detector
+    from monitor.apps.analyze import analyze
+    from monitor.detect.detector import Detector
 
     config = _load(args)
     detector = Detector(config.model.path, threads=config.model.threads)
@@ -372,7 +372,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from monitor.calibrate import (
+    from monitor.apps.calibrate import (
         calibrate,
         parse_duration,
         parse_target,
@@ -380,10 +380,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         validation_peaks,
         yaml_snippet,
     )
-    from monitor.daemon import build_source
-    from monitor.detector import Detector
+    from monitor.capture.sources import parse_source
+    from monitor.detect.detector import Detector
     from monitor.errors import ConfigError
-    from monitor.sources import parse_source
+    from monitor.service.daemon import build_source
 
     seconds = None if args.duration is None else parse_duration(args.duration)
     target = parse_target(args.target_fa)
@@ -433,7 +433,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from monitor.demo import run_demo
+    from monitor.apps.demo import run_demo
 
     config = _load(args)
     logging.getLogger("monitor").setLevel(logging.WARNING)  # the demo prints what matters
@@ -445,8 +445,8 @@ DATA_DIR = Path(os.environ.get("AUDIO_MONITOR_DATA", MODELS_DIR.parent.parent / 
 
 
 def _cmd_fetch_models(args: argparse.Namespace) -> int:
+    from monitor.detect.yamnet import fetch_models_command
     from monitor.training.compose import compose_events_model
-    from monitor.yamnet import fetch_models_command
 
     models_dir = args.models_dir or MODELS_DIR
     status = fetch_models_command(models_dir)
@@ -457,7 +457,7 @@ def _cmd_fetch_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from monitor.dashboard import dashboard_command
+    from monitor.apps.dashboard import dashboard_command
 
     return dashboard_command(args.endpoints, once=args.once, once_wait_s=args.once_wait,
                              stale_s=args.stale, offline_s=args.offline,
@@ -465,8 +465,8 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def _cmd_learn(args: argparse.Namespace) -> int:
-    from monitor.detector import read_card
-    from monitor.learn import learn_command
+    from monitor.detect.detector import read_card
+    from monitor.detect.learn import learn_command
 
     config = _load(args)
     return learn_command(machine=args.machine, sources=args.sources or [config.source],
@@ -475,8 +475,8 @@ def _cmd_learn(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate_anomaly(args: argparse.Namespace) -> int:
-    from monitor.detector import read_card
-    from monitor.learn import evaluate_anomaly_command
+    from monitor.detect.detector import read_card
+    from monitor.detect.learn import evaluate_anomaly_command
 
     config = _load(args)
     return evaluate_anomaly_command(data_dir=args.data,
@@ -515,7 +515,7 @@ def _serve_until_signal(level: str) -> threading.Event:
 
 
 def _cmd_alert(args: argparse.Namespace) -> int:
-    from monitor.alert import AlertDaemon, load_alert_config
+    from monitor.apps.alert import AlertDaemon, load_alert_config
 
     config = load_alert_config(args.config)
     stop = _serve_until_signal(args.log_level)
@@ -524,7 +524,7 @@ def _cmd_alert(args: argparse.Namespace) -> int:
 
 
 def _cmd_ack(args: argparse.Namespace) -> int:
-    from monitor.alert import load_alert_config, send_ack
+    from monitor.apps.alert import load_alert_config, send_ack
 
     endpoint = args.endpoint or load_alert_config(args.config).ack_endpoint
     if endpoint is None:
@@ -534,7 +534,7 @@ def _cmd_ack(args: argparse.Namespace) -> int:
 
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
-    from monitor.proxy import Proxy, describe, load_proxy_config
+    from monitor.apps.proxy import Proxy, describe, load_proxy_config
 
     config = load_proxy_config(args.config)
     stop = _serve_until_signal(args.log_level)
@@ -551,7 +551,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from monitor.keys import write_keypair
+    from monitor.protocol.keys import write_keypair
 
     public, secret = write_keypair(args.dir, args.name, overwrite=args.force)
     print(f"{public}\n{secret}")

@@ -1,6 +1,6 @@
 """Typed, frozen configuration, validated once at start-up.
 
-Every key of ``config.yaml`` maps to a field below; each section is a `monitor.schema`
+Every key of ``config.yaml`` maps to a field below; each section is a `monitor.protocol.schema`
 Struct, so types, ranges, finiteness (no NaN or infinity), choices and unknown keys are
 checked by msgspec. ``load_config`` reports the first problem as one line naming the key
 path, the bad value and what is allowed, so the CLI can print it and exit 2 without a
@@ -17,7 +17,7 @@ from msgspec import Meta, field
 from msgspec.structs import replace
 
 from monitor.errors import ConfigError
-from monitor.schema import PATTERN_HINTS, Endpoint, SensorId, Strict, convert
+from monitor.protocol.schema import PATTERN_HINTS, Endpoint, SensorId, Strict, convert
 
 
 def _range(lo: float, hi: float) -> Meta:

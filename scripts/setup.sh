@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 profile="${1:-run}"
 
-# gcc, libc6-dev and python3-dev build the ahead-of-time kernels (monitor/jit.py) and the
-# C capture callback (monitor/native_capture.py).
+# gcc, libc6-dev and python3-dev build the ahead-of-time kernels (monitor/dsp/jit.py) and the
+# C capture callback (monitor/capture/native_capture.py).
 packages=(libportaudio2 libsndfile1 python3-venv gcc libc6-dev python3-dev)
 [ "$profile" = dev ] && packages+=(jackd2 tmux systemd mosquitto espeak-ng)
 missing=()
@@ -36,8 +36,8 @@ fi
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$PWD/.cache/numba}"
 # Kernels compiled ahead of time keep Numba and LLVM out of the daemon; if the build fails
 # they are compiled just in time instead, so it is not fatal.
-.venv/bin/python -m monitor.jit --if-stale || echo "setup: kernels will be compiled just in time"
+.venv/bin/python -m monitor.dsp.jit --if-stale || echo "setup: kernels will be compiled just in time"
 # The C capture callback keeps the audio thread out of Python (and off the GIL); without it
 # the Python callback captures instead.
-.venv/bin/python -m monitor.native_capture --if-stale || echo "setup: capture will use the Python callback"
+.venv/bin/python -m monitor.capture.native_capture --if-stale || echo "setup: capture will use the Python callback"
 .venv/bin/audio-monitor fetch-models

@@ -13,10 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitor.catchup import CatchupServer
-from monitor.journal import Journal
-from monitor.messages import Event, Status
-from monitor.publisher import Publisher
+from monitor.outputs.catchup import CatchupServer
+from monitor.outputs.journal import Journal
+from monitor.outputs.publisher import Publisher
+from monitor.protocol.messages import Event, Status
 
 
 def main() -> int:

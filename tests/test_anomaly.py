@@ -15,11 +15,9 @@ import pytest
 import soundfile as sf
 import zmq
 
-from monitor import anomaly
 from monitor.config import MachineConfig
-from monitor.errors import ConfigError, ModelError, SourceError
-from monitor.frontend import FrontendParams, logmel_of
-from monitor.learn import (
+from monitor.detect import anomaly
+from monitor.detect.learn import (
     evaluate_anomaly_command,
     learn_command,
     load_cwru,
@@ -27,7 +25,9 @@ from monitor.learn import (
     roc_auc_pauc,
     segment_scores,
 )
-from monitor.messages import Anomaly, Event, Message, Status, decode
+from monitor.dsp.frontend import FrontendParams, logmel_of
+from monitor.errors import ConfigError, ModelError, SourceError
+from monitor.protocol.messages import Anomaly, Event, Message, Status, decode
 
 RATE = 16000
 PARAMS = FrontendParams()
@@ -87,8 +87,8 @@ def test_card_records_what_was_learned(state_dir: Path, cwru: tuple) -> None:
 def test_loading_a_scorer_keeps_scipy_out_of_the_daemon(state_dir: Path) -> None:
     """The scorer's threshold is smoothed at load; scipy.signal there cost the daemon
     ~60 MB and half a second of start-up."""
-    code = ("import sys\nfrom pathlib import Path\nfrom monitor import anomaly\n"
-            "from monitor.config import MachineConfig\nfrom monitor.frontend import "
+    code = ("import sys\nfrom pathlib import Path\nfrom monitor.detect import anomaly\n"
+            "from monitor.config import MachineConfig\nfrom monitor.dsp.frontend import "
             "FrontendParams\nanomaly.MachineScorer.load(Path(sys.argv[1]), 'pump', "
             "frontend=FrontendParams(), config=MachineConfig())\n"
             "print(sorted(m for m in sys.modules if m.startswith(('scipy.signal', "
@@ -299,9 +299,9 @@ def test_evaluate_anomaly_writes_table_and_json(shared_data: Path, tmp_path: Pat
 # --- end to end through the real daemon (needs the lead's wiring) ---------------------------
 
 def _wired() -> bool:
-    import monitor.processor
+    import monitor.pipeline.processor
 
-    return hasattr(monitor.processor, "MACHINE_WIRING")
+    return hasattr(monitor.pipeline.processor, "MACHINE_WIRING")
 
 
 @pytest.mark.skipif(not _wired(), reason="daemon wiring pending")

@@ -17,8 +17,8 @@ import soundfile as sf
 import yaml
 from tiny_model import build_tiny_model
 
-from monitor.analyze import analyze
-from monitor.calibrate import (
+from monitor.apps.analyze import analyze
+from monitor.apps.calibrate import (
     ScoreRecorder,
     calibrate,
     count_events,
@@ -28,12 +28,12 @@ from monitor.calibrate import (
     rule_at,
     yaml_snippet,
 )
+from monitor.capture.sources import FileSource
 from monitor.config import load_config
-from monitor.detector import Detector
+from monitor.detect.detector import Detector
+from monitor.detect.events import ClassEventLogic, ClassRule
+from monitor.detect.learn import read_file
 from monitor.errors import ConfigError
-from monitor.events import ClassEventLogic, ClassRule
-from monitor.learn import read_file
-from monitor.sources import FileSource
 
 RATE = 16000
 EVENT_GAINS = (0.01, 0.0115, 0.013, 0.015, 0.017, 0.0195, 0.022, 0.025, 0.029, 0.033)

@@ -17,7 +17,7 @@ import soundfile as sf
 import zmq
 from scipy.signal import resample_poly
 
-from monitor.messages import Event, Level, Message, Scores, Status, decode
+from monitor.protocol.messages import Event, Level, Message, Scores, Status, decode
 
 RATE = 16000
 

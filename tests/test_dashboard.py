@@ -21,9 +21,9 @@ import pytest
 import soundfile as sf
 from rich.console import Console
 
-from monitor.dashboard import _event_cells, handle_key, render_screen, render_snapshot
-from monitor.dashboard_state import DashboardState
-from monitor.messages import Anomaly, Event, Level, Message, Scores, Status, decode, encode
+from monitor.apps.dashboard import _event_cells, handle_key, render_screen, render_snapshot
+from monitor.apps.dashboard_state import DashboardState
+from monitor.protocol.messages import Anomaly, Event, Level, Message, Scores, Status, decode, encode
 
 RATE = 16000
 REPO = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from tiny_model import build_tiny_model, loud_score
 
-from monitor.detector import Detector
+from monitor.detect.detector import Detector
+from monitor.dsp.frontend import FrontendParams, logmel_of
 from monitor.errors import ModelError
-from monitor.frontend import FrontendParams, logmel_of
 
 
 def test_scores_the_newest_window_like_the_oracle(tiny_model: Path) -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitor.analyze import analyze_file
+from monitor.apps.analyze import analyze_file
 from monitor.config import load_config
-from monitor.detector import Detector
+from monitor.detect.detector import Detector
 from monitor.errors import ModelError
 from monitor.training.compose import (
     CARD_FILE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from monitor.events import ClassEventLogic, ClassRule, EventLogic, Transition
+from monitor.detect.events import ClassEventLogic, ClassRule, EventLogic, Transition
 
 STRIDE = 1600  # 100 ms at 16 kHz
 WINDOW = 8000

@@ -17,12 +17,12 @@ import pytest
 import zmq
 from test_alert import ENV, SIM, Webhook, alert_config, alert_daemon, outbox_states, stop
 
-from monitor.alert import AlertDaemon, load_alert_config
+from monitor.apps.alert import AlertDaemon, load_alert_config
+from monitor.apps.outbox import Outbox
 from monitor.errors import ConfigError
-from monitor.keys import CurveServer, apply_client, write_keypair
-from monitor.messages import Event, Level, encode
-from monitor.outbox import Outbox
-from monitor.publisher import Publisher
+from monitor.outputs.publisher import Publisher
+from monitor.protocol.keys import CurveServer, apply_client, write_keypair
+from monitor.protocol.messages import Event, Level, encode
 
 
 def test_fifty_sensors_through_one_proxy_lose_nothing(tmp_path: Path) -> None:
@@ -216,7 +216,7 @@ def _event(*, seq: int) -> Event:
 
 
 def test_ack_cancels_escalation_and_unacked_escalates(tmp_path: Path) -> None:
-    from monitor.alert import send_ack
+    from monitor.apps.alert import send_ack
 
     context = zmq.Context()
     pub, endpoint = raw_publisher(context, tmp_path)

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from monitor.errors import ConfigError
-from monitor.frontend import (
+from monitor.dsp.frontend import (
     Frontend,
     FrontendParams,
     hann_periodic,
@@ -18,6 +17,7 @@ from monitor.frontend import (
     mel_filterbank,
     offline_logmel,
 )
+from monitor.errors import ConfigError
 
 DEFAULT = FrontendParams()
 OTHER = FrontendParams(

@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_messages import samples
 
-from monitor.alert import load_alert_config, parse_ack
-from monitor.catchup import parse_request
+from monitor.apps.alert import load_alert_config, parse_ack
+from monitor.apps.proxy import load_proxy_config
 from monitor.config import load_config
 from monitor.errors import ConfigError, MessageError
-from monitor.messages import decode, encode
-from monitor.proxy import load_proxy_config
+from monitor.outputs.catchup import parse_request
+from monitor.protocol.messages import decode, encode
 
 REPO = Path(__file__).resolve().parents[1]
 VALID = samples()

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from test_alert import ENV, SIM, Webhook, alert_config, alert_daemon, stop
 from test_fuzz import VALID, json_values
 
-from monitor.messages import encode
+from monitor.protocol.messages import encode
 
 BATCHES = 60
 """Hypothesis examples; each sends a batch of mutated messages to every target."""

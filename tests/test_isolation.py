@@ -92,7 +92,7 @@ def test_a_mute_catch_up_endpoint_does_not_delay_live_alerts(tmp_path: Path) -> 
         [{"type": "webhook", "url": hook.url}])
     alert = alert_daemon(config)
     source = sensor(tmp_path, "s1", events=120, rate=20.0, start_after=1.0)
-    from monitor.messages import Status, encode
+    from monitor.protocol.messages import Status, encode
 
     try:
         seq = 0

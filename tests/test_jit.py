@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitor import jit
+from monitor.dsp import jit
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRE_AOT = os.environ.get("AUDIO_MONITOR_REQUIRE_AOT") == "1"  # CI: never skip
@@ -33,12 +33,13 @@ def built() -> None:
     if not jit.is_fresh():
         if REQUIRE_AOT:
             pytest.fail("the ahead-of-time kernels are missing or stale: run "
-                        "`python -m monitor.jit` (scripts/setup.sh does)")
-        pytest.skip("ahead-of-time kernels not built (`python -m monitor.jit`)")
+                        "`python -m monitor.dsp.jit` (scripts/setup.sh does)")
+        pytest.skip("ahead-of-time kernels not built (`python -m monitor.dsp.jit`)")
 
 
 def test_kernel_modules_lists_every_file_with_kernels() -> None:
-    defining = {f"monitor.{path.stem}" for path in (REPO / "monitor").glob("*.py")
+    defining = {".".join(path.relative_to(REPO).with_suffix("").parts)
+                for path in (REPO / "monitor").rglob("*.py")
                 if re.search(r"^@kernel\(", path.read_text(encoding="utf-8"), re.MULTILINE)}
     assert defining == set(jit.KERNEL_MODULES)
 
@@ -49,9 +50,10 @@ CHAIN = """
     import sys
     import numpy as np
     import soundfile as sf
-    from monitor import anomaly, jit, levels
-    from monitor.frontend import Frontend, FrontendParams
-    from monitor.resample import StreamingResampler, downmix_into
+    from monitor.detect import anomaly
+    from monitor.dsp import jit, levels
+    from monitor.dsp.frontend import Frontend, FrontendParams
+    from monitor.dsp.resample import StreamingResampler, downmix_into
 
     audio, rate = sf.read(sys.argv[1], dtype="float32", frames=8 * 16000)
     stereo = np.repeat(audio, 3)  # 48 kHz-long stereo interleaving of real samples
@@ -114,10 +116,10 @@ def test_daemon_chain_with_ahead_of_time_kernels_never_imports_numba(
     out = _run(f"""
         import sys
         import numpy as np
-        import monitor.daemon
+        import monitor.service.daemon
         from monitor.config import load_config
-        from monitor.detector import Detector
-        from monitor.processor import NullSink, Processor
+        from monitor.detect.detector import Detector
+        from monitor.pipeline.processor import NullSink, Processor
         config = load_config(None, overrides={{"model.path": {str(tiny_model)!r}}})
         processor = Processor(config, Detector(config.model.path), in_rate=48000, channels=2,
                               max_block=4096, sink=NullSink())
@@ -133,7 +135,7 @@ def test_daemon_chain_with_ahead_of_time_kernels_never_imports_numba(
 def test_ahead_of_time_kernel_refuses_wrong_arrays(built: None) -> None:
     out = _run("""
         import numpy as np
-        from monitor import levels
+        from monitor.dsp import levels
         for x in (np.zeros(8), np.zeros(16, np.float32)[::2]):
             try:
                 levels.condition_block(x, np.zeros(levels.COUNT + 1))
@@ -150,7 +152,7 @@ def test_ahead_of_time_kernel_refuses_wrong_arrays(built: None) -> None:
 def test_just_in_time_kernels_have_the_same_type_contract() -> None:
     out = _run("""
         import numpy as np
-        from monitor import levels
+        from monitor.dsp import levels
         try:
             levels.condition_block(np.zeros(8), np.zeros(levels.COUNT + 1))
         except TypeError as err:
@@ -160,7 +162,7 @@ def test_just_in_time_kernels_have_the_same_type_contract() -> None:
 
 
 def test_changed_kernel_file_falls_back_to_just_in_time(built: None, tmp_path: Path) -> None:
-    source = REPO / "monitor" / "levels.py"
+    source = REPO / "monitor" / "dsp" / "levels.py"
     assert jit._fresh_extension(source) is not None
     changed = tmp_path / "levels.py"
     shutil.copy(source, changed)
@@ -182,8 +184,8 @@ def test_daemon_kernels_run_without_importing_scipy_linalg() -> None:
     out = _run("""
         import sys
         import numpy as np
-        import monitor.daemon
-        from monitor.frontend import Frontend, FrontendParams
+        import monitor.service.daemon
+        from monitor.dsp.frontend import Frontend, FrontendParams
         frontend = Frontend(FrontendParams(), max_block=1600)
         frames = np.zeros((frontend.max_frames(1600), FrontendParams().n_mels), np.float32)
         n = frontend.process(np.ones(1600, np.float32), frames)
@@ -198,7 +200,7 @@ def test_scipy_and_numba_blas_still_work_afterwards() -> None:
     out = _run("""
         import numba
         import numpy as np
-        import monitor.kernels
+        import monitor.dsp.kernels
         import scipy.linalg
         import scipy.signal
         dot = numba.njit(lambda a, b: np.dot(a, b))

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import zmq
 
-from monitor.catchup import CatchupClient, CatchupServer
-from monitor.journal import SEQ_BLOCK, Journal, JournalReader
-from monitor.messages import Event, Level, decode
-from monitor.outputs import Composer, ZmqOutput
-from monitor.publisher import Publisher
+from monitor.outputs.catchup import CatchupClient, CatchupServer
+from monitor.outputs.composer import Composer, ZmqOutput
+from monitor.outputs.journal import SEQ_BLOCK, Journal, JournalReader
+from monitor.outputs.publisher import Publisher
+from monitor.protocol.messages import Event, Level, decode
 
 
 def event_fields(i: int) -> dict[str, object]:

@@ -8,7 +8,16 @@ import re
 import pytest
 
 from monitor.errors import MessageError
-from monitor.messages import Anomaly, Event, Level, Scores, Status, class_slug, decode, encode
+from monitor.protocol.messages import (
+    Anomaly,
+    Event,
+    Level,
+    Scores,
+    Status,
+    class_slug,
+    decode,
+    encode,
+)
 
 HEADER = {"sensor_id": "room-101", "seq": 7, "ts": 1700000000.25}
 

@@ -26,9 +26,9 @@ from mqtt_broker import Broker, Received, Subscriber
 
 from monitor.config import load_config
 from monitor.errors import ConfigError
-from monitor.journal import JournalReader
-from monitor.messages import Event, Level, Status, decode
-from monitor.mqtt import MqttOutput, wire_topic
+from monitor.outputs.journal import JournalReader
+from monitor.outputs.mqtt import MqttOutput, wire_topic
+from monitor.protocol.messages import Event, Level, Status, decode
 
 RATE = 16000
 SENSOR = "test-room"
@@ -325,7 +325,7 @@ def test_status_is_decodable_and_counts_mqtt(broker: Broker, tmp_path: Path,
 
 def test_alert_daemon_acts_on_mqtt_events_once(broker: Broker, tmp_path: Path,
                                                tiny_model: Path) -> None:
-    from monitor.alert import AlertDaemon, load_alert_config
+    from monitor.apps.alert import AlertDaemon, load_alert_config
 
     path = tmp_path / "alert.yaml"
     path.write_text(json.dumps({

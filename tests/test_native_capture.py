@@ -10,8 +10,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from monitor import native_capture
-from monitor.ringbuffer import SpscRingBuffer
+from monitor.capture import native_capture
+from monitor.capture.ringbuffer import SpscRingBuffer
 
 REQUIRE_BUILT = os.environ.get("AUDIO_MONITOR_REQUIRE_AOT") == "1"  # CI: never skip
 
@@ -21,8 +21,8 @@ def require_native_capture() -> ModuleType:
     if module is None:
         if REQUIRE_BUILT:
             pytest.fail("the C capture callback is missing or stale: run "
-                        "`python -m monitor.native_capture` (scripts/setup.sh does)")
-        pytest.skip("C capture callback not built (`python -m monitor.native_capture`)")
+                        "`python -m monitor.capture.native_capture` (scripts/setup.sh does)")
+        pytest.skip("C capture callback not built (`python -m monitor.capture.native_capture`)")
     return module
 
 

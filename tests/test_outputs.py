@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from monitor.events import Transition
-from monitor.messages import Event, Message, Scores, decode, encode
-from monitor.outputs import Composer, Output, ZmqOutput
-from monitor.publisher import Publisher
+from monitor.detect.events import Transition
+from monitor.outputs.composer import Composer, Output, ZmqOutput
+from monitor.outputs.publisher import Publisher
+from monitor.protocol.messages import Event, Message, Scores, decode, encode
 
 RATE = 16000
 

@@ -23,9 +23,9 @@ import soundfile as sf
 from jack_server import JackServer, jack_server, portaudio_on, require_jackd, stop_stale
 from test_native_capture import require_native_capture
 
+from monitor.capture.native_capture import PYTHON_CAPTURE_ENV
+from monitor.capture.sources import MicSource, list_input_devices
 from monitor.errors import AudioDeviceError
-from monitor.native_capture import PYTHON_CAPTURE_ENV
-from monitor.sources import MicSource, list_input_devices
 
 RATE = 16000
 REPO = Path(__file__).resolve().parents[1]

@@ -10,13 +10,13 @@ import pytest
 import soundfile as sf
 from tiny_model import build_tiny_model
 
-from monitor.anomaly import MachineReading
 from monitor.config import load_config
-from monitor.detector import Detector
+from monitor.detect.anomaly import MachineReading
+from monitor.detect.detector import Detector
+from monitor.detect.events import Transition
+from monitor.dsp.levels import LevelMeter
 from monitor.errors import ConfigError, ModelError
-from monitor.events import Transition
-from monitor.levels import LevelMeter
-from monitor.processor import Processor, derive_timing, resolve_rules
+from monitor.pipeline.processor import Processor, derive_timing, resolve_rules
 
 
 class Recorder:
@@ -125,8 +125,8 @@ def test_no_result_comes_before_the_predicted_frame(shared_data: Path, tiny_mode
     each on its own phase."""
     from scipy.signal import resample_poly
 
-    from monitor.frontend import FrontendParams
-    from monitor.learn import learn_command, load_cwru
+    from monitor.detect.learn import learn_command, load_cwru
+    from monitor.dsp.frontend import FrontendParams
 
     machine = load_cwru(shared_data, rate=16000)[0][:16000 * 20]  # a real machine recording
     normal = tmp_path / "normal.wav"
@@ -165,7 +165,7 @@ def test_hot_path_retains_no_memory(tiny_model: Path) -> None:
     """One 10 ms block at a time through the whole chain: nothing accumulates per hop."""
     import tracemalloc
 
-    from monitor.processor import NullSink
+    from monitor.pipeline.processor import NullSink
 
     config = load_config(None, overrides={"model.stride_ms": 100})
     processor = Processor(config, Detector(tiny_model), in_rate=48000, channels=2,

@@ -29,10 +29,10 @@ import soundfile as sf
 import zmq
 from jack_server import JackServer, require_jackd, stop_stale
 
-from monitor.messages import Event, Message, Scores, Status, decode
-from monitor.sdnotify import Notifier
-from monitor.service import UNITS, install_units
-from monitor.watchdog import Progress, StageWatch
+from monitor.protocol.messages import Event, Message, Scores, Status, decode
+from monitor.service.sdnotify import Notifier
+from monitor.service.systemd import UNITS, install_units
+from monitor.service.watchdog import Progress, StageWatch
 
 RATE = 16000
 REPO = Path(__file__).resolve().parents[1]

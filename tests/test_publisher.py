@@ -10,8 +10,8 @@ import pytest
 import zmq
 
 from monitor.errors import ConfigError
-from monitor.messages import Level, Status, decode
-from monitor.publisher import Publisher
+from monitor.outputs.publisher import Publisher
+from monitor.protocol.messages import Level, Status, decode
 
 
 def level_fields(n_bands: int = 32) -> dict[str, object]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from monitor.resample import StreamingResampler, downmix_into, kaiser_lowpass
+from monitor.dsp.resample import StreamingResampler, downmix_into, kaiser_lowpass
 
 RATES = [(48000, 16000), (44100, 16000), (8000, 16000), (22050, 16000)]
 

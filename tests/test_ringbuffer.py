@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_native_capture import CWriter
 
-from monitor.ringbuffer import SpscRingBuffer
+from monitor.capture.ringbuffer import SpscRingBuffer
 
 
 def test_capacity_must_be_power_of_two() -> None:

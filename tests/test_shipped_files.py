@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from monitor.alert import load_alert_config
-from monitor.proxy import load_proxy_config
+from monitor.apps.alert import load_alert_config
+from monitor.apps.proxy import load_proxy_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,3 +28,30 @@ def test_alert_unit_reads_an_alert_config() -> None:
     unit = (REPO / "systemd" / "audio-monitor-alert.service").read_text()
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
     assert exec_start.endswith("alert --config /etc/audio-monitor/alert.yaml")
+
+
+def _module_table() -> list[str]:
+    """Every module the README's module table names, relative to `monitor/`."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("| module | job |"):]
+    table = table[: table.index("\n\n")]
+    named: list[str] = []
+    for row in table.splitlines()[2:]:
+        cell = row.split("|")[1]
+        named += re.findall(r"`([^`]+)`", cell)
+    return named
+
+
+def test_readme_module_table_matches_the_tree() -> None:
+    """The table names every module of `monitor/` outside training/ (and training/ itself),
+    and nothing that is not there."""
+    named = _module_table()
+    package = REPO / "monitor"
+    tree = sorted(str(path.relative_to(package)) for path in package.rglob("*.py")
+                  if path.relative_to(package).parts[0] != "training"
+                  and path.name != "__init__.py")
+    files = sorted(name for name in named if name.endswith(".py"))
+    assert files == tree
+    folders = {name.rstrip("/") for name in named if name.endswith("/")}
+    assert folders == {path.name for path in package.iterdir()
+                       if (path / "__init__.py").is_file()}

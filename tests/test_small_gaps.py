@@ -16,10 +16,10 @@ import pytest
 from test_alert import ENV, alert_config
 from test_daemon_e2e import daemon, recording, subscriber  # noqa: F401 (fixture)
 
-from monitor.alert import load_alert_config
+from monitor.apps.alert import load_alert_config
+from monitor.apps.proxy import load_proxy_config
 from monitor.errors import ConfigError
-from monitor.messages import Status, decode
-from monitor.proxy import load_proxy_config
+from monitor.protocol.messages import Status, decode
 
 
 def write(tmp: Path, name: str, data: dict[str, Any]) -> Path:
@@ -140,7 +140,7 @@ def test_subscribers_survive_wrongly_typed_events(tmp_path: Path, command: str) 
     A body without `v` used to be taken as version 1; now it is refused as `version`."""
     import zmq
 
-    from monitor.messages import Event, encode
+    from monitor.protocol.messages import Event, encode
 
     context = zmq.Context()
     pub = context.socket(zmq.XPUB)

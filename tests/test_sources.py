@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from monitor.capture.sources import FileSource, MicSource, Source, StdinSource, parse_source
 from monitor.errors import AudioDeviceError, ConfigError, SourceError
-from monitor.sources import FileSource, MicSource, Source, StdinSource, parse_source
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("AUDIO_MONITOR_DATA", REPO.parent / "shared" / "data"))

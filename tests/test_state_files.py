@@ -15,10 +15,10 @@ import pytest
 import zmq
 from test_alert import ENV, Webhook, alert_config, alert_daemon, sensor, stop
 
-from monitor.journal import Journal
-from monitor.messages import Event, decode
-from monitor.outbox import Outbox
-from monitor.publisher import Publisher
+from monitor.apps.outbox import Outbox
+from monitor.outputs.journal import Journal
+from monitor.outputs.publisher import Publisher
+from monitor.protocol.messages import Event, decode
 
 
 def limited(limit_bytes: int) -> None:

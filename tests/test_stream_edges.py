@@ -16,8 +16,8 @@ import soundfile as sf
 from test_processor import Recorder
 
 from monitor.config import load_config
-from monitor.detector import Detector
-from monitor.processor import NullSink, Processor
+from monitor.detect.detector import Detector
+from monitor.pipeline.processor import NullSink, Processor
 
 RATE = 16000
 PAD = 2 * RATE  # 2 s: a whole number of hops and of strides (50 ms)
@@ -175,7 +175,7 @@ def test_analyze_finds_the_same_in_a_raw_clip_as_in_the_clip_padded_with_silence
     """The shipped model through `analyze`: whatever it finds in a clip padded with 2 s of
     silence either side, it finds in the clip alone, for any model (the chain scores the
     same windows); the cuts are short and put the event right at an edge."""
-    from monitor.analyze import analyze
+    from monitor.apps.analyze import analyze
 
     config = load_config(None, overrides={"model.path": str(EVENTS)})
     detector = Detector(EVENTS)

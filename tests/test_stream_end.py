@@ -18,7 +18,7 @@ import soundfile as sf
 import zmq
 from test_daemon_e2e import RATE, collect, daemon, of, run_to_end, subscriber
 
-from monitor.messages import Event, Message, Scores, Status, decode
+from monitor.protocol.messages import Event, Message, Scores, Status, decode
 
 MIN_DURATION_S = 0.1
 

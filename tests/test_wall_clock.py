@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from monitor.outputs import RESYNC_S, Composer, ZmqOutput
-from monitor.publisher import Publisher
+from monitor.outputs.composer import RESYNC_S, Composer, ZmqOutput
+from monitor.outputs.publisher import Publisher
 
 RATE = 16000
 

@@ -15,9 +15,9 @@ import onnxruntime as ort
 import pytest
 import soundfile as sf
 
-from monitor import yamnet
+from monitor.detect import yamnet
+from monitor.dsp.frontend import FrontendParams, logmel_of
 from monitor.errors import ModelError
-from monitor.frontend import FrontendParams, logmel_of
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from monitor.frontend import FrontendParams
+from monitor.dsp.frontend import FrontendParams
 
 CLASSES = ("loud", "quiet")
 

@@ -2,7 +2,7 @@
 
 Flow: SUB sockets (one per source: a sensor or a proxy) -> `decode` (a malformed or
 tampered message is dropped and counted) -> rules -> one SQLite transaction records the
-decision and the actions to run (`monitor.outbox`) -> a dispatcher thread runs due
+decision and the actions to run (`monitor.apps.outbox`) -> a dispatcher thread runs due
 actions (log, webhook, command, publish), retries failures with exponential backoff
 until they succeed or expire, and records the outcome.
 
@@ -10,7 +10,7 @@ Nothing is lost: live events are acted on at once; on start-up, on every heartbe
 (`status`) of a sensor, and after a failed catch-up, the daemon asks the source's
 catch-up endpoint for the sensor's journaled events after its cursor, so events missed
 while this daemon was down, or dropped by ZeroMQ, are judged too. Replays are harmless:
-each (rule, sensor, event, phase) is judged once (see `monitor.outbox`).
+each (rule, sensor, event, phase) is judged once (see `monitor.apps.outbox`).
 
 Threads: the main thread owns the SUB, catch-up and ack sockets and one SQLite
 connection; the dispatcher owns the re-publish socket and its own connection; webhook
@@ -42,13 +42,13 @@ import zmq
 from msgspec import Meta
 from msgspec.structs import replace
 
-from monitor.catchup import CatchupClient, ReplyHeader
+from monitor.apps.outbox import Item, Outbox, StateLock
 from monitor.config import MqttConfig, MqttTlsConfig, TopicPrefix, read_yaml_mapping
 from monitor.errors import ConfigError, MessageError
-from monitor.keys import apply_client
-from monitor.messages import Event, Status, decode
-from monitor.outbox import Item, Outbox, StateLock
-from monitor.schema import (
+from monitor.outputs.catchup import CatchupClient, ReplyHeader
+from monitor.protocol.keys import apply_client
+from monitor.protocol.messages import Event, Status, decode
+from monitor.protocol.schema import (
     PATTERN_HINTS,
     Endpoint,
     Finite,
@@ -636,7 +636,7 @@ class AlertDaemon:
         self.ack_endpoint = ""
         self._workers: list[CatchupWorker | None] = []
         self.bridges: list[Any] = []
-        """MQTT sources' bridges (`monitor.mqtt_bridge.MqttBridge`), while `run` runs."""
+        """MQTT sources' bridges (`monitor.apps.mqtt_bridge.MqttBridge`), while `run` runs."""
 
     @property
     def state(self) -> str:
@@ -672,7 +672,7 @@ class AlertDaemon:
             self.bridges = bridges = []
             for source in self.config.sources:
                 if source.mqtt is not None:
-                    from monitor.mqtt_bridge import MqttBridge
+                    from monitor.apps.mqtt_bridge import MqttBridge
 
                     bridges.append(MqttBridge(source.mqtt, endpoint=source.endpoint,
                                               context=self.context,

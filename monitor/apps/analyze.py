@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from monitor.capture.sources import promised_frames, truncation_warning
 from monitor.config import Config
-from monitor.detector import Detector
+from monitor.detect.detector import Detector
+from monitor.detect.events import Transition
 from monitor.errors import SourceError
-from monitor.events import Transition
-from monitor.processor import NullSink, Processor
-from monitor.sources import promised_frames, truncation_warning
+from monitor.pipeline.processor import NullSink, Processor
 
 BLOCK_FRAMES = 4096
 

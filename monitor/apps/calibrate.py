@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 from msgspec.structs import replace
 
+from monitor.capture.sources import Source
 from monitor.config import Config, EventRule
-from monitor.detector import Detector
+from monitor.detect.detector import Detector
+from monitor.detect.events import ClassEventLogic, ClassRule
 from monitor.errors import ConfigError
-from monitor.events import ClassEventLogic, ClassRule
-from monitor.processor import NullSink, Processor, Timing, derive_timing, resolve_rules
-from monitor.sources import Source
+from monitor.pipeline.processor import NullSink, Processor, Timing, derive_timing, resolve_rules
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 It subscribes to the daemons' ZeroMQ endpoints and never touches audio, DSP or the model:
 levels, the spectrogram (from the published 32-band log-mel frames), class scores, health
-and events are all drawn from the wire contract (`monitor/messages.py`). The state lives in
-`monitor.dashboard_state` (pure, testable with a fake clock); this module renders it with
+and events are all drawn from the wire contract (`monitor/protocol/messages.py`). The state lives in
+`monitor.apps.dashboard_state` (pure, testable with a fake clock); this module renders it with
 rich and runs the loop: one `zmq.Poller` waits on the socket and the keyboard, the screen
 is redrawn at `refresh_hz` (10 Hz) at most, and keys are read in cbreak mode with the
 terminal restored on every exit path.
@@ -30,7 +30,7 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from monitor.dashboard_state import DashboardState, LoggedEvent, SensorState
+from monitor.apps.dashboard_state import DashboardState, LoggedEvent, SensorState
 from monitor.errors import ConfigError
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from monitor.errors import MessageError
-from monitor.messages import Anomaly, Event, Level, Message, Scores, Status, decode
+from monitor.protocol.messages import Anomaly, Event, Level, Message, Scores, Status, decode
 
 logger = logging.getLogger(__name__)
 

@@ -17,14 +17,14 @@ import soundfile as sf
 from msgspec.structs import replace
 from rich.console import Console
 
+from monitor.capture.sources import FileSource
 from monitor.config import Config
-from monitor.daemon import Daemon
-from monitor.detector import Detector
+from monitor.detect.detector import Detector
 from monitor.errors import SourceError
-from monitor.messages import Event, Message, Scores
-from monitor.outputs import Output
-from monitor.publisher import Publisher
-from monitor.sources import FileSource
+from monitor.outputs.composer import Output
+from monitor.outputs.publisher import Publisher
+from monitor.protocol.messages import Event, Message, Scores
+from monitor.service.daemon import Daemon
 from monitor.training.dataset import split_of
 
 REPO = Path(__file__).resolve().parent.parent

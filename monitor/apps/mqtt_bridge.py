@@ -9,7 +9,7 @@ from typing import Any
 import zmq
 
 from monitor.config import MqttConfig
-from monitor.mqtt import make_client, wire_topic
+from monitor.outputs.mqtt import make_client, wire_topic
 
 logger = logging.getLogger(__name__)
 

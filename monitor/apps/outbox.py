@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.errors import ConfigError
-from monitor.journal import is_damage
+from monitor.outputs.journal import is_damage
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (

@@ -28,11 +28,11 @@ from typing import Any
 import msgspec
 import zmq
 
-from monitor.catchup import error_reply, parse_request, split_envelope
 from monitor.config import read_yaml_mapping
 from monitor.errors import ConfigError, MessageError
-from monitor.keys import CurveServer, apply_client, require_safe
-from monitor.schema import Endpoint, Refusals, SensorId, Strict, convert
+from monitor.outputs.catchup import error_reply, parse_request, split_envelope
+from monitor.protocol.keys import CurveServer, apply_client, require_safe
+from monitor.protocol.schema import Endpoint, Refusals, SensorId, Strict, convert
 
 logger = logging.getLogger(__name__)
 

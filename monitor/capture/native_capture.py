@@ -7,8 +7,8 @@ second on a small board. This callback does what `MicSource._callback` does (cop
 the SPSC ring, drop and count what does not fit, count callbacks and status flags, ring
 the reader's doorbell) in a few lines of C, with C11 acquire/release on the ring indices.
 
-`python -m monitor.native_capture` (run by `scripts/setup.sh`, beside the ahead-of-time
-kernels) compiles it with cffi into the extension `monitor/_native_capture`. It is used
+`python -m monitor.capture.native_capture` (run by `scripts/setup.sh`, beside the ahead-of-time
+kernels) compiles it with cffi into the extension `monitor/capture/_native_capture`. It is used
 only if it was built from this file's C source (its sha256 is compiled in) and
 AUDIO_MONITOR_PYTHON_CAPTURE is not "1"; otherwise capture uses the Python callback.
 """
@@ -30,7 +30,7 @@ import numpy as np
 
 __all__ = ["STATE_FIELDS", "Capture", "build", "load"]
 
-MODULE = "monitor._native_capture"
+MODULE = "monitor.capture._native_capture"
 PYTHON_CAPTURE_ENV = "AUDIO_MONITOR_PYTHON_CAPTURE"  # "1": ignore the C callback
 
 STATE_FIELDS = ("write_index", "read_index", "wake_at", "wait_number", "rung_number",
@@ -185,7 +185,7 @@ class Capture:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m monitor.native_capture",
+        prog="python -m monitor.capture.native_capture",
         description="Compile the C capture callback (needs gcc and the Python headers).")
     parser.add_argument("--if-stale", action="store_true",
                         help="do nothing when the built extension matches the source")

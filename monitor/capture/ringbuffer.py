@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from monitor.native_capture import STATE_FIELDS, Capture
-from monitor.native_capture import load as load_native
+from monitor.capture.native_capture import STATE_FIELDS, Capture
+from monitor.capture.native_capture import load as load_native
 
 (WRITE_INDEX, READ_INDEX, WAKE_AT, WAIT_NUMBER, RUNG_NUMBER, DOORBELL_FD, OVERRUN_SAMPLES,
  OVERRUN_EVENTS) = range(len(STATE_FIELDS))
@@ -28,7 +28,7 @@ class SpscRingBuffer:
     """Power-of-2 ring of float32 samples for exactly one writer and one reader thread.
 
     It relies on there being exactly one writer thread (calls `write`, or the C capture
-    callback of `monitor.native_capture`) and one reader thread (calls `readinto` and
+    callback of `monitor.capture.native_capture`) and one reader thread (calls `readinto` and
     `wait_for`); anything else is a data race. Safety comes from ownership, not locks:
 
     - The write and read indices increase monotonically (they never wrap; positions are

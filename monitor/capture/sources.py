@@ -24,8 +24,8 @@ import numpy as np
 import sounddevice as sd
 import soundfile as sf
 
+from monitor.capture.ringbuffer import SpscRingBuffer
 from monitor.errors import AudioDeviceError, ConfigError, DeviceAbsentError, SourceError
-from monitor.ringbuffer import SpscRingBuffer
 
 __all__ = [
     "FileSource",
@@ -559,7 +559,7 @@ class MicSource(Source):
         self._closing_since = 0.0
         self._close_warned = False
         self._native = self.ring.native_capture(channels)
-        """The C callback (monitor.native_capture) when built, else None: `_callback`."""
+        """The C callback (monitor.capture.native_capture) when built, else None: `_callback`."""
 
     # --- PortAudio thread -------------------------------------------------------------
     def _callback(

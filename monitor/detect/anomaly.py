@@ -10,7 +10,7 @@ cheapest to run: one triangular mat-vec per 10 ms hop.
 Published score: ``r / (1 + r)`` with ``r = smoothed raw score / learned threshold``, so it lies
 in [0, 1) and 0.5 means "at the learned threshold"; the event threshold is
 ``s / (1 + s)`` for ``threshold_scale = s`` (0.5 by default). Fault events come from
-:class:`monitor.events.ClassEventLogic` on that score (label ``machine_fault``).
+:class:`monitor.detect.events.ClassEventLogic` on that score (label ``machine_fault``).
 
 Operating-state gate: learning records the typical running level (median RMS dBFS of 100 ms
 spans); at run time a level more than ``GATE_MARGIN_DB`` below it (or below the configured
@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 
 from monitor.config import MachineConfig
+from monitor.detect.events import ClassEventLogic, ClassRule, Transition
+from monitor.dsp.frontend import FrontendParams
+from monitor.dsp.jit import kernel
 from monitor.errors import ModelError
-from monitor.events import ClassEventLogic, ClassRule, Transition
-from monitor.frontend import FrontendParams
-from monitor.jit import kernel
 
 logger = logging.getLogger(__name__)
 

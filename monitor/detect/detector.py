@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from monitor.dsp.frontend import FrontendParams, silence_frame
 from monitor.errors import ConfigError, ModelError
-from monitor.frontend import FrontendParams, silence_frame
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Commands `learn` (a machine's normal-sound baseline) and `evaluate-anomaly` (AUC/pAUC on CWRU).
 
 `learn` reads files directly or records the microphone, runs the live front end
-(:func:`monitor.frontend.logmel_of`) and saves a baseline through :mod:`monitor.anomaly`.
+(:func:`monitor.dsp.frontend.logmel_of`) and saves a baseline through :mod:`monitor.detect.anomaly`.
 `evaluate-anomaly` compares candidate scorers on the CWRU bearing recordings (the one real
 fault data set we have): normal split by time (first part learns, the rest tests) against each
 fault type, real and mixed into held-back normal at low levels; see docs/anomaly.md.
@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from monitor import anomaly
+from monitor.detect import anomaly
+from monitor.dsp.frontend import FrontendParams, logmel_of
+from monitor.dsp.resample import StreamingResampler, downmix_into
 from monitor.errors import ConfigError, SourceError
-from monitor.frontend import FrontendParams, logmel_of
-from monitor.resample import StreamingResampler, downmix_into
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def read_file(path: Path, *, rate: int, max_seconds: float | None = None) -> np.
 
 def record_mic(device: str | None, *, seconds: float, rate: int) -> np.ndarray:
     """Record `seconds` of audio from the microphone, mono at `rate`."""
-    from monitor.sources import MicSource  # PortAudio only when the mic is used
+    from monitor.capture.sources import MicSource  # PortAudio only when the mic is used
 
     source = MicSource(device, ring_seconds=4.0, block_ms=20.0)
     block = np.zeros(source.ring.capacity, dtype=np.float32)

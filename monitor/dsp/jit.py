@@ -1,8 +1,8 @@
 """How every Numba kernel here is compiled: ahead of time when built, else just in time.
 
 `@kernel(signature)` declares a kernel with its one Numba type signature, the same type
-contract on both paths. `python -m monitor.jit` (run by `scripts/setup.sh`) compiles every
-kernel ahead of time with `numba.pycc` into the extension `monitor/_aot_kernels`. A process
+contract on both paths. `python -m monitor.dsp.jit` (run by `scripts/setup.sh`) compiles every
+kernel ahead of time with `numba.pycc` into the extension `monitor/dsp/_aot_kernels`. A process
 whose kernels all come from there never imports Numba or LLVM: ~100 MB less resident and
 nothing to compile at start-up, which is what a small always-on board wants.
 
@@ -36,8 +36,9 @@ __all__ = ["KERNELS", "KERNEL_MODULES", "Kernel", "aot_status", "build", "kernel
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-AOT_MODULE = "monitor._aot_kernels"
-KERNEL_MODULES = ("monitor.kernels", "monitor.levels", "monitor.resample", "monitor.anomaly")
+AOT_MODULE = "monitor.dsp._aot_kernels"
+KERNEL_MODULES = (
+    "monitor.dsp.kernels", "monitor.dsp.levels", "monitor.dsp.resample", "monitor.detect.anomaly")
 """Every module defining a `@kernel` (a test keeps this list complete)."""
 JIT_ENV = "AUDIO_MONITOR_JIT"  # "1": ignore the ahead-of-time build
 
@@ -88,7 +89,7 @@ def aot_status() -> str:
     if aot == len(KERNELS):
         return f"all {aot} kernels compiled ahead of time"
     return (f"{aot} of {len(KERNELS)} kernels compiled ahead of time, the rest just in time "
-            "(run `python -m monitor.jit` to build them)")
+            "(run `python -m monitor.dsp.jit` to build them)")
 
 
 # --- ahead of time -------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def _load_numpy_support_without_scipy() -> None:
 def build(output_dir: Path | None = None) -> Path:
     """Compile every kernel of KERNEL_MODULES into the extension; return its path.
 
-    Run in a fresh process (`python -m monitor.jit`): the kernels must be imported here,
+    Run in a fresh process (`python -m monitor.dsp.jit`): the kernels must be imported here,
     just in time, so that kernels calling kernels compile.
     """
     os.environ[JIT_ENV] = "1"
@@ -258,7 +259,7 @@ def is_fresh() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m monitor.jit",
+        prog="python -m monitor.dsp.jit",
         description="Compile the Numba kernels ahead of time (needs a C compiler).")
     parser.add_argument("--if-stale", action="store_true",
                         help="do nothing when the extension matches every kernel file")
@@ -278,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the module's own copy (kernel modules register with `monitor.jit`, not __main__).
-    from monitor.jit import main as jit_main
+    # Run the module's own copy (kernel modules register with `monitor.dsp.jit`, not __main__).
+    from monitor.dsp.jit import main as jit_main
 
     sys.exit(jit_main())

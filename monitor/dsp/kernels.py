@@ -3,14 +3,14 @@
 Numba has no ``np.fft``, so the real FFT is an iterative radix-2 complex FFT of n_fft/2 points
 (even samples as real part, odd as imaginary) followed by the standard split step; that costs
 about half of a plain n_fft-point complex FFT. Tables (bit reversal, twiddles, window, the
-compact mel filterbank) are built once by :class:`monitor.frontend.Frontend`. Related tables
+compact mel filterbank) are built once by :class:`monitor.dsp.frontend.Frontend`. Related tables
 are stacked into one array (cos/sin rows, etc.) to keep the argument count low: each argument
 costs dispatch time, and calls with 20 or more arguments make CPython allocate per call.
 """
 
 import numpy as np
 
-from monitor.jit import kernel
+from monitor.dsp.jit import kernel
 
 
 @kernel("void(f4[::1], i8, f8[::1], i8[::1], f8[:, ::1], f8[:, ::1], i8[:, ::1], f8[::1], "

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from monitor.jit import kernel
+from monitor.dsp.jit import kernel
 
 CLIP_LEVEL = 0.999
 DBFS_FLOOR = -120.0

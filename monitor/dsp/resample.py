@@ -12,7 +12,7 @@ from math import gcd
 
 import numpy as np
 
-from monitor.jit import kernel
+from monitor.dsp.jit import kernel
 
 __all__ = ["StreamingResampler", "downmix_into", "kaiser_lowpass"]
 

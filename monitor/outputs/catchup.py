@@ -7,10 +7,10 @@ Protocol (request/reply over ZeroMQ; the server is a ROUTER, clients use REQ):
   ``{"ok": true, "sensor_id": S, "after_seq": N, "last_seq": M, "more": bool}``
   (``last_seq``: the newest journaled event seq; ``more``: ask again after the last
   returned seq) or ``{"ok": false, "error": "..."}``. Each ``[topic, body]`` pair is the
-  event exactly as it was published, so `monitor.messages.decode` checks it.
+  event exactly as it was published, so `monitor.protocol.messages.decode` checks it.
 
 The server keeps every envelope frame up to the first empty frame and sends it back, so a
-broker in between (`monitor.proxy`, a ROUTER in front of DEALERs) routes replies home.
+broker in between (`monitor.apps.proxy`, a ROUTER in front of DEALERs) routes replies home.
 The server runs in its own thread with its own SQLite connection; its socket never leaves
 that thread.
 """
@@ -29,9 +29,9 @@ from msgspec import Meta
 
 from monitor.config import check_endpoint
 from monitor.errors import ConfigError, MessageError
-from monitor.journal import JournalReader
-from monitor.keys import CurveServer, require_safe
-from monitor.schema import Count, Refusals, SensorId, Strict, describe
+from monitor.outputs.journal import JournalReader
+from monitor.protocol.keys import CurveServer, require_safe
+from monitor.protocol.schema import Count, Refusals, SensorId, Strict, describe
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class CatchupClient:
         """One page: (header, [[topic, body], ...]); None on timeout (the server is away).
 
         MessageError if the reply is malformed or a refusal; each pair still needs
-        `monitor.messages.decode`."""
+        `monitor.protocol.messages.decode`."""
         request = Request(sensor_id=sensor_id, after_seq=after_seq, limit=limit)
         self._socket.send(msgspec.json.encode(request))
         if not self._socket.poll(self.timeout_ms):

@@ -23,11 +23,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from monitor.anomaly import MachineReading
-from monitor.events import Transition
-from monitor.levels import LevelMeter
-from monitor.messages import Anomaly, Event, Level, Message, Scores, Status, encode
-from monitor.publisher import Publisher
+from monitor.detect.anomaly import MachineReading
+from monitor.detect.events import Transition
+from monitor.dsp.levels import LevelMeter
+from monitor.outputs.publisher import Publisher
+from monitor.protocol.messages import Anomaly, Event, Level, Message, Scores, Status, encode
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ class Output:
 
 
 class ZmqOutput(Output):
-    """The ZeroMQ PUB socket (with its journal): the wire contract of `monitor.messages`."""
+    """The ZeroMQ PUB socket (with its journal): the wire contract of
+    `monitor.protocol.messages`."""
 
     name = "publish"
 

@@ -20,8 +20,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from monitor.errors import ConfigError
-from monitor.messages import Event, Message
-from monitor.outputs import Output
+from monitor.outputs.composer import Output
+from monitor.protocol.messages import Event, Message
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ topic                           QoS    retained  payload
 ``scores``                      0      no        `scores` JSON, at most `scores_hz` per second
 ==============================  =====  ========  =========================================
 
-Payloads are the JSON bodies of the ZeroMQ wire contract (`monitor.messages`), so one
+Payloads are the JSON bodies of the ZeroMQ wire contract (`monitor.protocol.messages`), so one
 decoder reads both. Delivery of events is *at least once*: every event is in the journal
 (with its `seq`) before it is handed here; while the broker is away paho keeps it queued
 and sends it on reconnect; the seq of the newest event the broker acknowledged (PUBACK),
@@ -43,11 +43,20 @@ import paho.mqtt.client as paho
 
 from monitor.config import MqttConfig
 from monitor.errors import ConfigError, MessageError
-from monitor.journal import JournalReader
-from monitor.messages import Anomaly, Event, Level, Message, Scores, Status, class_slug, decode
-from monitor.messages import encode as encode_frames
-from monitor.mqtt_discovery import OFFLINE, ONLINE, discovery_messages
-from monitor.outputs import Catalog, Output
+from monitor.outputs.composer import Catalog, Output
+from monitor.outputs.journal import JournalReader
+from monitor.outputs.mqtt_discovery import OFFLINE, ONLINE, discovery_messages
+from monitor.protocol.messages import (
+    Anomaly,
+    Event,
+    Level,
+    Message,
+    Scores,
+    Status,
+    class_slug,
+    decode,
+)
+from monitor.protocol.messages import encode as encode_frames
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from monitor.config import MqttConfig
-from monitor.messages import class_slug
-from monitor.outputs import Catalog
+from monitor.outputs.composer import Catalog
+from monitor.protocol.messages import class_slug
 
 ONLINE, OFFLINE = "online", "offline"
 """Payloads of the availability topic (OFFLINE is also the last will)."""

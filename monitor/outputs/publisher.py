@@ -10,7 +10,7 @@ A message that cannot be encoded (a non-finite number: a bug upstream) is counte
 
 With a journal, every `Event` is written to disk (fsync) *before* it is sent, so a
 subscriber that missed it asks the catch-up endpoint; `seq` continues after the
-journal's highest reserved number across restarts (see `monitor.journal`).
+journal's highest reserved number across restarts (see `monitor.outputs.journal`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import Any
 
 import zmq
 
-from monitor.catchup import CatchupServer
 from monitor.config import Config, check_endpoint
 from monitor.errors import ConfigError, MessageError
-from monitor.journal import SEQ_BLOCK, Journal
-from monitor.keys import CurveServer, require_safe
-from monitor.messages import Event, Message, decode, encode
+from monitor.outputs.catchup import CatchupServer
+from monitor.outputs.journal import SEQ_BLOCK, Journal
+from monitor.protocol.keys import CurveServer, require_safe
+from monitor.protocol.messages import Event, Message, decode, encode
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ stride from the first frame on (a sound in the first second is judged like any o
 and a stream shorter than one window is scored too). `finish` ends every stream the
 same way (file end, stdin EOF, SIGTERM, SIGINT, `analyze`): the audio is continued with
 silence until every window holding real audio has been scored, then what is pending
-is decided (see `monitor.events`).
+is decided (see `monitor.detect.events`).
 
 Live and offline runs feed the same `Processor`, only in different block sizes; the
 chain is chunk-size invariant, so both give the same events for the same audio.
@@ -24,14 +24,14 @@ from typing import Protocol
 
 import numpy as np
 
-from monitor.anomaly import MachineReading, MachineScorer
 from monitor.config import Config, EventRule
-from monitor.detector import Detector
+from monitor.detect.anomaly import MachineReading, MachineScorer
+from monitor.detect.detector import Detector
+from monitor.detect.events import ClassRule, EventLogic, Transition
+from monitor.dsp.frontend import Frontend
+from monitor.dsp.levels import LevelMeter
+from monitor.dsp.resample import StreamingResampler, downmix_into
 from monitor.errors import ConfigError
-from monitor.events import ClassRule, EventLogic, Transition
-from monitor.frontend import Frontend
-from monitor.levels import LevelMeter
-from monitor.resample import StreamingResampler, downmix_into
 
 INFERENCE_HISTORY = 512
 DEFAULT_METER_HZ = 10.0

@@ -20,7 +20,7 @@ import msgspec
 from msgspec import Meta
 
 from monitor.errors import MessageError
-from monitor.schema import Count, Finite, NonNegative, SensorId, describe
+from monitor.protocol.schema import Count, Finite, NonNegative, SensorId, describe
 
 SCHEMA_VERSION: Literal[1] = 1
 

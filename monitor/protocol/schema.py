@@ -1,6 +1,6 @@
 """One schema engine for everything that comes in: msgspec typed Structs.
 
-The wire contract (`monitor.messages`), the catch-up and acknowledgement requests, and the
+The wire contract (`monitor.protocol.messages`), the catch-up and acknowledgement requests, and the
 three YAML files (config.yaml, alert.yaml, fleet.yaml) are each a tree of
 ``msgspec.Struct`` types with ``forbid_unknown_fields``; decoding checks types, ranges
 (``Meta(ge=, le=)``), finiteness, enums (``Literal``), lengths and patterns, and a refusal

@@ -15,15 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monitor.config import Config
-from monitor.detector import Detector
-from monitor.errors import DeviceAbsentError, MonitorError
-from monitor.messages import Status
-from monitor.outputs import Catalog, Composer, Output, ZmqOutput
-from monitor.processor import Processor, resolve_rules
-from monitor.publisher import Publisher
-from monitor.sdnotify import Notifier
-from monitor.sources import (
+from monitor.capture.sources import (
     FileSource,
     MicSource,
     Source,
@@ -31,7 +23,15 @@ from monitor.sources import (
     parse_source,
     rescan_devices,
 )
-from monitor.watchdog import Health, Progress
+from monitor.config import Config
+from monitor.detect.detector import Detector
+from monitor.errors import DeviceAbsentError, MonitorError
+from monitor.outputs.composer import Catalog, Composer, Output, ZmqOutput
+from monitor.outputs.publisher import Publisher
+from monitor.pipeline.processor import Processor, resolve_rules
+from monitor.protocol.messages import Status
+from monitor.service.sdnotify import Notifier
+from monitor.service.watchdog import Health, Progress
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from monitor.sdnotify import Notifier
+from monitor.service.sdnotify import Notifier
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from monitor.errors import ModelError
-from monitor.yamnet import (
+from monitor.detect.yamnet import (
     FIX,
     MODEL_FILE,
     N_MELS,
@@ -28,6 +27,7 @@ from monitor.yamnet import (
     verify_model,
     write_atomically,
 )
+from monitor.errors import ModelError
 
 if TYPE_CHECKING:
     import onnx

@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from monitor.analyze import FileEvent, analyze_file
+from monitor.apps.analyze import FileEvent, analyze_file
 from monitor.config import load_config
-from monitor.detector import Detector
+from monitor.detect.detector import Detector
+from monitor.detect.yamnet import MODEL_FILE
 from monitor.errors import MonitorError
 from monitor.training.compose import CARD_FILE, EVENTS_FILE, HEAD_FILE, head_arrays
 from monitor.training.dataset import CLASSES, EVENT_CLASSES, Clip, clip_waveform, read_clips
@@ -47,7 +48,6 @@ from monitor.training.streams import (
     total_false_alarms,
 )
 from monitor.training.train import EVAL_HOP_FRAMES
-from monitor.yamnet import MODEL_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from monitor.frontend import FrontendParams, logmel_of
+from monitor.detect.yamnet import MODEL_SHA256, WINDOW_FRAMES
+from monitor.dsp.frontend import FrontendParams, logmel_of
 from monitor.training.compose import AUDIOSET_DIM, EMBEDDING_DIM, embedding_model_bytes
 from monitor.training.dataset import CLASSES, Clip, augment, clip_waveform, pad
-from monitor.yamnet import MODEL_SHA256, WINDOW_FRAMES
 
 logger = logging.getLogger(__name__)
 

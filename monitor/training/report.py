@@ -33,7 +33,7 @@ def write_report(ev: Evaluation, report_dir: Path, *, params: Any) -> list[Path]
     except ImportError:
         logger.warning("matplotlib is not installed: report without plots")
     else:
-        from monitor.frontend import logmel_of
+        from monitor.dsp.frontend import logmel_of
 
         fig, ax = plt.subplots(figsize=(5, 4))
         for k, name in enumerate(EVENT_CLASSES):

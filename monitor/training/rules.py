@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from monitor.events import ClassEventLogic, ClassRule
-from monitor.frontend import FrontendParams
-from monitor.yamnet import WINDOW_FRAMES
+from monitor.detect.events import ClassEventLogic, ClassRule
+from monitor.detect.yamnet import WINDOW_FRAMES
+from monitor.dsp.frontend import FrontendParams
 
 logger = logging.getLogger(__name__)
 

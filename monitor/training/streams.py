@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from monitor.analyze import FileEvent, analyze_file
-from monitor.detector import Detector
+from monitor.apps.analyze import FileEvent, analyze_file
+from monitor.detect.detector import Detector
 from monitor.errors import MonitorError
 from monitor.training.dataset import (
     EVENT_CLASSES,

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from monitor.detector import read_card
+from monitor.detect.detector import read_card
+from monitor.detect.yamnet import MODEL_FILE, WINDOW_FRAMES
 from monitor.errors import MonitorError
 from monitor.training.compose import (
     CARD_FILE,
@@ -76,7 +77,6 @@ from monitor.training.rules import (
     stream_onset_lead_ms,
     tune_class,
 )
-from monitor.yamnet import MODEL_FILE, WINDOW_FRAMES
 
 logger = logging.getLogger(__name__)
 

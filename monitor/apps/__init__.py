@@ -1,0 +1,3 @@
+"""Commands and subscribers built on the pipeline and the wire: analyze, calibrate, demo,
+alert, proxy, dashboard.
+"""

@@ -1,0 +1,1 @@
+"""Capture: audio sources, the PortAudio callback in C and the SPSC ring."""

@@ -1,0 +1,3 @@
+"""Detection: the ONNX event detector and its backbone, the event state machine, per-machine
+anomaly scoring and learning.
+"""

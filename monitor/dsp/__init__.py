@@ -1,0 +1,3 @@
+"""Signal processing: resampling, conditioning and levels, the log-mel front end and how its
+Numba kernels are compiled.
+"""

@@ -1,0 +1,3 @@
+"""Outputs: results -> wire messages -> every configured output (ZeroMQ with journal and
+catch-up, MQTT, Prometheus metrics).
+"""

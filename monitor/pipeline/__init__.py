@@ -1,0 +1,1 @@
+"""The chain shared by `run` and `analyze`: samples in, typed results out."""

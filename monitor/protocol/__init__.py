@@ -1,0 +1,1 @@
+"""The wire: message contract, the schema engine and CURVE keys."""

@@ -1,0 +1,1 @@
+"""The live daemon: its loop, health watchdog, systemd notification and units."""
