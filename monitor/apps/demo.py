@@ -27,7 +27,7 @@ from monitor.protocol.messages import Event, Message, Scores
 from monitor.service.daemon import Daemon
 from monitor.training.dataset import split_of
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DATA_DIR = Path(os.environ.get("AUDIO_MONITOR_DATA", REPO.parent / "shared" / "data"))
 DEMO_CACHE = REPO / ".cache" / "demo"
 # Real recordings played by the demo, by label, from the test split of ../shared/data

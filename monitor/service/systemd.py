@@ -17,7 +17,7 @@ from monitor.errors import ConfigError
 
 __all__ = ["UNITS", "add_install_service", "install_units", "render_unit"]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 UNIT_DIR = REPO / "systemd"
 UNITS = ("audio-monitor.service", "audio-monitor@.service", "audio-monitor-alert.service")
 TEMPLATE_ROOT = "/opt/audio-monitor"
