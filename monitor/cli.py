@@ -1,7 +1,9 @@
 """Command line: `audio-monitor run|devices|listen|analyze|demo|dashboard|alert|...`.
 
-Only wiring lives here. A user error (bad config, missing model, unknown device) is
-printed as one line and exits with status 2, without a traceback.
+Only parsing lives here: each command's options become a call into the module that does
+the work (imported when the command runs, so `alert` loads no ONNX and `run` no rich).
+A user error (bad config, missing model, unknown device) is printed as one line and
+exits with status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -17,13 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from monitor.config import MODELS_DIR, Config, data_dir
 from monitor.errors import MonitorError
 
-logger = logging.getLogger("monitor")
-
 EXIT_USER_ERROR = 2
-EXIT_RESTART = 75  # EX_TEMPFAIL: the audio device needs a new process (systemd restarts it)
-FAULTS_ENV = "AUDIO_MONITOR_FAULTS"  # 1: enable test-only fault injection signals
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="before starting the source, wait up to SECONDS for a subscriber "
                           "(batch runs that must not miss the first messages)")
     run.add_argument("--metrics", metavar="ADDR:PORT",
-                     help="serve Prometheus metrics at http://ADDR:PORT/metrics (off by default;"
-                          " ':9108' is loopback)")
+                     help="serve Prometheus metrics at http://ADDR:PORT/metrics (config "
+                          "`metrics:`; off by default; ':9108' is loopback)")
     run.set_defaults(handler=_cmd_run)
 
     devices = sub.add_parser("devices", help="list audio input devices")
@@ -157,19 +155,19 @@ def _parser() -> argparse.ArgumentParser:
     evaluate_anomaly = sub.add_parser("evaluate-anomaly",
                                       help="ROC AUC / pAUC of the machine-fault scorers")
     _add_config(evaluate_anomaly)
-    evaluate_anomaly.add_argument("--data", type=Path, default=DATA_DIR)
+    evaluate_anomaly.add_argument("--data", type=Path, default=data_dir())
     evaluate_anomaly.add_argument("--out", type=Path, default=Path("anomaly-eval.json"))
     evaluate_anomaly.add_argument("--candidates", nargs="*", default=None)
     evaluate_anomaly.set_defaults(handler=_cmd_evaluate_anomaly)
 
     train = sub.add_parser("train", help="train the event model's head from real recordings")
-    train.add_argument("--data", type=Path, default=DATA_DIR, help="labelled recordings")
+    train.add_argument("--data", type=Path, default=data_dir(), help="labelled recordings")
     train.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(handler=_cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="held-out metrics and a report of the event model")
-    evaluate.add_argument("--data", type=Path, default=DATA_DIR)
+    evaluate.add_argument("--data", type=Path, default=data_dir())
     evaluate.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     evaluate.add_argument("--report", type=Path, default=Path("report"),
                           help="folder for the HTML/PNG report")
@@ -186,7 +184,7 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
                         help="config file (default: ./config.yaml if present)")
 
 
-def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Any:
+def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
     from monitor.config import load_config
 
     path = args.config
@@ -199,11 +197,7 @@ def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> 
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from monitor.detect.detector import Detector
-    from monitor.dsp.jit import aot_status
-    from monitor.outputs.composer import Output
-    from monitor.outputs.publisher import PublishingStack
-    from monitor.service.daemon import Daemon, wait_for_source
+    from monitor.service.compose import run_daemon
 
     overrides: dict[str, Any] = {}
     if args.source:
@@ -214,176 +208,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["audio.realtime"] = False
     if args.rate is not None:  # 0 is refused by the schema, not taken as "default"
         overrides["audio.sample_rate"] = args.rate
-    config = _load(args, overrides)
-    detector = Detector(config.model.path, threads=config.model.threads)
-    stack = PublishingStack(config)  # journal, CURVE, PUB socket, catch-up server
-    publisher = stack.publisher
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    try:  # a microphone that is not there yet is waited for (degraded), never an exit
-        source = wait_for_source(config, stop=stop, publisher=publisher)
-    except BaseException:
-        stack.close()
-        raise
-    if source is None:
-        stack.close()
-        return 0
-    outputs: list[Output] = []  # beside ZeroMQ, which numbers and journals every message
-    metrics = None
     if args.metrics:
-        from monitor.outputs.metrics import MetricsServer, parse_address
-
-        metrics_address = parse_address(args.metrics)
-        metrics = MetricsServer()
-        outputs.append(metrics.output())
-    if config.mqtt.enabled:
-        from monitor.outputs.mqtt import MqttOutput
-
-        outputs.append(MqttOutput(config.mqtt, sensor_id=config.sensor_id,
-                                  state_dir=config.state_dir, journal_path=stack.journal.path))
-    daemon = Daemon(config, source=source, detector=detector, publisher=publisher,
-                    outputs=outputs)
-    daemon.reloader = lambda: _load(args, overrides)
-    signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
-    if os.environ.get(FAULTS_ENV) == "1":  # tests only: SIGUSR2 freezes/thaws processing
-        signal.signal(signal.SIGUSR2, lambda *_: _toggle(daemon.frozen))
-    if metrics is not None:
-        metrics.collect_from(counters=daemon.counters, state=lambda: daemon.health.state,
-                             gauges=daemon.gauges)
-        metrics.start(*metrics_address)
-    logger.info("publishing on %s as %s; model %s; source %s", publisher.bound_endpoint,
-                config.sensor_id, detector.card.name, source.description)
-    logger.info("%s", aot_status())
-    if args.wait_subscriber > 0 and not publisher.wait_for_subscriber(args.wait_subscriber):
-        logger.warning("no subscriber after %.1f s; starting anyway", args.wait_subscriber)
-    try:
-        daemon.run(stop)
-    finally:
-        daemon.sink.close()  # after the final `stopped` status
-        stack.close()
-        if metrics is not None:
-            metrics.close()
-    if daemon.restart_required:
-        # A normal exit would run PortAudio's teardown, which hangs on the dead stream.
-        logging.shutdown()
-        os._exit(EXIT_RESTART)
-    return 0
-
-
-def _toggle(flag: threading.Event) -> None:
-    if flag.is_set():
-        flag.clear()
-    else:
-        flag.set()
+        overrides["metrics.enabled"] = True
+        overrides["metrics.address"] = args.metrics
+    return run_daemon(_load(args, overrides), reload=lambda: _load(args, overrides),
+                      wait_subscriber_s=args.wait_subscriber)
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:
-    from monitor.capture.sources import list_input_devices
+    from monitor.capture.mic import print_input_devices
 
-    devices = list_input_devices()
-    if not devices:
-        print("no audio input devices found (is a sound card or JACK/PulseAudio present?)")
-        return 0
-    for d in devices:
-        print(f"{d['index']:>3}  {d['name']}  [{d['hostapi']}]  "
-              f"{d['max_input_channels']} ch  {d['default_samplerate']:.0f} Hz")
-    return 0
+    return print_input_devices()
 
 
 def _cmd_listen(args: argparse.Namespace) -> int:
-    import zmq
+    from monitor.apps.listen import listen_command
 
-    from monitor.errors import MessageError
-    from monitor.protocol.messages import decode, to_dict
-    from monitor.protocol.schema import Refusals
-
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="audio-monitor: %(message)s")
-    refusals = Refusals(logger, "listen")
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    socket = context.socket(zmq.SUB)
-    socket.setsockopt(zmq.LINGER, 0)
-    for topic in args.topic or [""]:
-        socket.setsockopt_string(zmq.SUBSCRIBE, topic)
-    socket.connect(args.endpoint)
-    received = 0
-    last_seq: dict[str, int] = {}  # seq counts every topic, so gaps show only without --topic
-    timeout_ms = int(args.timeout * 1000) if args.timeout > 0 else -1
-    try:
-        while args.count == 0 or received < args.count:
-            if not socket.poll(timeout_ms):
-                print(f"audio-monitor: no message from {args.endpoint} for {args.timeout} s",
-                      file=sys.stderr)
-                return 1
-            frames = socket.recv_multipart()
-            try:
-                message = decode(frames)
-            except MessageError as err:  # counted by reason, logged (rate-limited), ignored
-                refusals.count(err.reason, str(err))
-                continue
-            previous = last_seq.get(message.sensor_id)
-            if not args.topic and previous is not None and message.seq > previous + 1:
-                print(f"audio-monitor: {message.sensor_id}: {message.seq - previous - 1} "
-                      f"message(s) lost before seq {message.seq}", file=sys.stderr)
-            last_seq[message.sensor_id] = message.seq
-            body = {"topic": message.topic, **to_dict(message)}
-            print(json.dumps(body), flush=True)
-            received += 1
-    finally:
-        socket.close()
-        if refusals.total:
-            print(f"audio-monitor: bad_messages by reason: {dict(refusals.by_reason)}",
-                  file=sys.stderr)
-    return 0
+    return listen_command(args.endpoint, topics=args.topic, count=args.count,
+                          timeout_s=args.timeout)
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from monitor.apps.analyze import analyze
-    from monitor.detect.detector import Detector
+    from monitor.apps.analyze import analyze_command
 
-    config = _load(args)
-    detector = Detector(config.model.path, threads=config.model.threads)
-    rows = []
-    failed = 0
-    for path in args.files:
-        try:
-            result = analyze(path, config=config, detector=detector)
-        except MonitorError as err:
-            print(f"audio-monitor: error: {err}", file=sys.stderr)
-            failed += 1
-            continue
-        for warning in [result.error, *result.warnings]:
-            if warning:
-                print(f"audio-monitor: warning: {warning}", file=sys.stderr)
-        for event in result.events:
-            if args.format == "jsonl":
-                print(json.dumps(event.to_json()), flush=True)
-            rows.append(event)
-    if args.format == "table":
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table("file", "class", "start s", "end s", "score")
-        for e in rows:
-            table.add_row(e.file, e.label, f"{e.start_s:.2f}", f"{e.end_s:.2f}", f"{e.score:.2f}")
-        Console().print(table)
-    return EXIT_USER_ERROR if failed else 0
+    return analyze_command(args.files, config=_load(args), table=args.format == "table")
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from monitor.apps.calibrate import (
-        calibrate,
-        parse_duration,
-        parse_target,
-        summary,
-        validation_peaks,
-        yaml_snippet,
-    )
-    from monitor.capture.sources import parse_source
-    from monitor.detect.detector import Detector
+    from monitor.apps.calibrate_report import calibrate_command, parse_duration, parse_target
     from monitor.errors import ConfigError
-    from monitor.service.daemon import build_source
 
     seconds = None if args.duration is None else parse_duration(args.duration)
     target = parse_target(args.target_fa)
@@ -397,39 +250,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         overrides["source"] = spec
     if args.rate:
         overrides["audio.sample_rate"] = args.rate
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    config = _load(args, overrides)
-    if parse_source(config.source)[0] == "mic" and seconds is None:
-        raise ConfigError("--duration: needed with a microphone source (e.g. --duration 8h)")
-    detector = Detector(config.model.path, threads=config.model.threads)
-    source = build_source(config)
-    heard, results = calibrate(config, detector, source, seconds=seconds, target=target,
-                               stop=stop)
-    if not heard.samples:
-        print(f"audio-monitor: calibrate heard no audio from {config.source}; nothing to "
-              "calibrate", file=sys.stderr)
-        return 1
-    print(summary(results, heard, target=target, asked_s=seconds, source=config.source,
-                  peaks_known=validation_peaks(config.model.path) is not None), flush=True)
-    snippet = yaml_snippet(results, heard, target=target, source=config.source)
-    status = 0
-    if args.out is None:
-        print(snippet, end="")
-    else:
-        try:
-            args.out.write_text(snippet, encoding="utf-8")
-            print(f"thresholds written to {args.out}")
-        except OSError as err:
-            print(snippet, end="")
-            print(f"audio-monitor: cannot write {args.out}: {err.strerror}", file=sys.stderr)
-            status = 1
-    if heard.stopped_by == "device":  # PortAudio's teardown would hang on the dead stream
-        sys.stdout.flush()
-        logging.shutdown()
-        os._exit(status)
-    return status
+    stop = _stop_on_signal()
+    return calibrate_command(_load(args, overrides), seconds=seconds, target=target,
+                             out=args.out, stop=stop)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -438,10 +261,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     config = _load(args)
     logging.getLogger("monitor").setLevel(logging.WARNING)  # the demo prints what matters
     return run_demo(config, audio=args.file, fast=args.fast)
-
-
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-DATA_DIR = Path(os.environ.get("AUDIO_MONITOR_DATA", MODELS_DIR.parent.parent / "shared" / "data"))
 
 
 def _cmd_fetch_models(args: argparse.Namespace) -> int:
@@ -484,18 +303,14 @@ def _cmd_evaluate_anomaly(args: argparse.Namespace) -> int:
                                     out_json=args.out, candidates=args.candidates)
 
 
-def _require_training_packages() -> None:
+def _cmd_train(args: argparse.Namespace) -> int:
     import importlib.util
 
     if importlib.util.find_spec("sklearn") is None:
         raise MonitorError("training needs scikit-learn (never needed at run time); install it "
                            "with `.venv/bin/pip install -r requirements-train.txt`")
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
     from monitor.training.train import train_command
 
-    _require_training_packages()
     return train_command(args.data, args.models_dir, seed=args.seed)
 
 
@@ -505,9 +320,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return evaluate_command(args.data, args.models_dir, args.report)
 
 
-def _serve_until_signal(level: str) -> threading.Event:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _stop_on_signal(log_level: str | None = None) -> threading.Event:
+    """An event set by SIGINT or SIGTERM; with `log_level`, logging to stderr at that level."""
+    if log_level is not None:
+        logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -518,7 +335,7 @@ def _cmd_alert(args: argparse.Namespace) -> int:
     from monitor.apps.alert import AlertDaemon, load_alert_config
 
     config = load_alert_config(args.config)
-    stop = _serve_until_signal(args.log_level)
+    stop = _stop_on_signal(args.log_level)
     AlertDaemon(config).run(stop)
     return 0
 
@@ -534,20 +351,10 @@ def _cmd_ack(args: argparse.Namespace) -> int:
 
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
-    from monitor.apps.proxy import Proxy, describe, load_proxy_config
+    from monitor.apps.proxy import load_proxy_config, proxy_command
 
     config = load_proxy_config(args.config)
-    stop = _serve_until_signal(args.log_level)
-    proxy = Proxy(config)
-    proxy.start()
-    logger.info("proxy running: %s", describe(config))
-    print(json.dumps({"publish": proxy.publish_endpoint, "catchup": proxy.catchup_endpoint}),
-          flush=True)
-    try:
-        stop.wait()
-    finally:
-        proxy.stop()
-    return 0
+    return proxy_command(config, stop=_stop_on_signal(args.log_level))
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ traceback.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -201,6 +202,20 @@ class MqttConfig(Strict, frozen=True):
                        password_file=at(self.password_file), tls=tls)
 
 
+LISTEN_ADDRESS_PATTERN = r"^(?:\[[0-9a-fA-F:.]+\]|[^:\[\]\s]*):\d{1,5}$"
+PATTERN_HINTS[LISTEN_ADDRESS_PATTERN] = ("ADDR:PORT (e.g. 127.0.0.1:9108, :9108 for loopback, "
+                                         "[::1]:9108, 0.0.0.0:9108)")
+
+
+class MetricsConfig(Strict, frozen=True):
+    """Prometheus metrics over HTTP at /metrics; off unless `enabled` (`run --metrics ADDR:PORT`
+    turns them on at that address)."""
+
+    enabled: bool = False
+    address: Annotated[str, Meta(pattern=LISTEN_ADDRESS_PATTERN)] = "127.0.0.1:9108"
+    """Where to listen; ':PORT' is loopback, port 0 picks a free one."""
+
+
 class MachineConfig(Strict, frozen=True):
     """Anomaly watch of one machine, scored against its learned baseline."""
 
@@ -233,10 +248,22 @@ class Config(Strict, frozen=True):
     publish: PublishConfig = field(default_factory=PublishConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     state_dir: Path = Path("~/.local/state/audio-monitor")
     """Where learned machine baselines (and later the event journal) live."""
     machines: dict[SensorId, MachineConfig] = field(default_factory=dict)
     """Machines to watch for faults, by the name given to `audio-monitor learn --machine`."""
+
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+"""The shipped models and their cards (`fetch-models` builds them here)."""
+DATA_ENV = "AUDIO_MONITOR_DATA"
+
+
+def data_dir() -> Path:
+    """The folder of real recordings (training, evaluation, the demo, benchmarks, tests):
+    $AUDIO_MONITOR_DATA, else `../shared/data` beside this checkout."""
+    return Path(os.environ.get(DATA_ENV, MODELS_DIR.parent.parent / "shared" / "data"))
 
 
 ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")

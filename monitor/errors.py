@@ -36,3 +36,9 @@ class MessageError(MonitorError):
     def __init__(self, message: str, *, reason: str = "schema") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def one_line(err: BaseException | str) -> str:
+    """An error's text with its line breaks and runs of spaces folded (libsndfile and
+    PortAudio messages span lines)."""
+    return " ".join(str(err).split())

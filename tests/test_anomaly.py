@@ -16,7 +16,7 @@ import soundfile as sf
 import zmq
 
 from monitor.config import MachineConfig
-from monitor.detect import anomaly
+from monitor.detect import anomaly, baselines
 from monitor.detect.learn import (
     evaluate_anomaly_command,
     learn_command,
@@ -73,9 +73,9 @@ def stream(sc: anomaly.MachineScorer, audio: np.ndarray, *, level: float = RUNNI
 
 
 def test_card_records_what_was_learned(state_dir: Path, cwru: tuple) -> None:
-    stamp = anomaly.active_baseline(state_dir, "pump")
+    stamp = baselines.active_baseline(state_dir, "pump")
     assert stamp is not None
-    card = json.loads((anomaly.machine_dir(state_dir, "pump") / stamp / "card.json").read_text())
+    card = json.loads((baselines.machine_dir(state_dir, "pump") / stamp / "card.json").read_text())
     assert card["machine"] == "pump" and card["sample_rate"] == RATE
     assert card["frontend"]["hash"] == PARAMS.hash()
     assert card["seconds"] == pytest.approx(cwru[0].shape[0] / RATE, abs=0.1)
@@ -101,7 +101,7 @@ def test_loading_a_scorer_keeps_scipy_out_of_the_daemon(state_dir: Path) -> None
 
 def test_streaming_scores_equal_offline(state_dir: Path, cwru: tuple) -> None:
     sc = scorer(state_dir)
-    baseline = anomaly.load_baseline(state_dir, "pump")
+    baseline = baselines.load_baseline(state_dir, "pump")
     mel = logmel_of(cwru[1][: 3 * RATE], PARAMS)
     context = anomaly.context_frames(PARAMS)
     offline = anomaly.ema(anomaly.gaussian_scores(anomaly.boxcar_features(mel, context),
@@ -132,7 +132,7 @@ def test_held_back_normal_stays_below_and_real_faults_go_above(state_dir: Path,
 
 def test_real_fault_auc(state_dir: Path, cwru: tuple) -> None:
     """Segment-level ROC AUC and pAUC of the deployed scorer, held-back normal vs real faults."""
-    baseline = anomaly.load_baseline(state_dir, "pump")
+    baseline = baselines.load_baseline(state_dir, "pump")
     context = anomaly.context_frames(PARAMS)
 
     def seg(audio: np.ndarray) -> np.ndarray:
@@ -205,7 +205,7 @@ def test_learning_silence_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"learning audio is silent .* record it while"):
         learn_command(machine="pump", sources=[f"file:{path}"], minutes=None,
                       state_dir=tmp_path, frontend=PARAMS)
-    assert anomaly.list_baselines(tmp_path, "pump") == []
+    assert baselines.list_baselines(tmp_path, "pump") == []
 
 
 def test_learning_too_little_audio_says_how_much(tmp_path: Path, cwru: tuple) -> None:
@@ -254,16 +254,16 @@ def test_relearn_keeps_last_n_and_never_the_active_one(tmp_path: Path, cwru: tup
     for _ in range(4):
         learn_command(machine="pump", sources=[f"file:{path}"], minutes=None,
                       state_dir=tmp_path, frontend=PARAMS, keep=2)
-    stamps = anomaly.list_baselines(tmp_path, "pump")
+    stamps = baselines.list_baselines(tmp_path, "pump")
     assert len(stamps) == 2
-    assert anomaly.active_baseline(tmp_path, "pump") == stamps[-1]
+    assert baselines.active_baseline(tmp_path, "pump") == stamps[-1]
     # Roll back to the older one, then prune to 1: the active (older) one stays.
-    anomaly.activate_baseline(tmp_path, "pump", stamps[0])
-    assert anomaly.prune_baselines(tmp_path, "pump", keep=1) == []
-    assert anomaly.list_baselines(tmp_path, "pump") == stamps
+    baselines.activate_baseline(tmp_path, "pump", stamps[0])
+    assert baselines.prune_baselines(tmp_path, "pump", keep=1) == []
+    assert baselines.list_baselines(tmp_path, "pump") == stamps
     learn_command(machine="pump", sources=[f"file:{path}"], minutes=None, state_dir=tmp_path,
                   frontend=PARAMS, keep=1)
-    remaining = anomaly.list_baselines(tmp_path, "pump")
+    remaining = baselines.list_baselines(tmp_path, "pump")
     assert len(remaining) == 1 and remaining[0] not in stamps
     assert anomaly.MachineScorer.load(tmp_path, "pump", frontend=PARAMS,
                                       config=MachineConfig()).card["machine"] == "pump"
@@ -296,15 +296,8 @@ def test_evaluate_anomaly_writes_table_and_json(shared_data: Path, tmp_path: Pat
     assert "gauss-boxcar" in text and "gauss-frame" in text and "real ball" in text
 
 
-# --- end to end through the real daemon (needs the lead's wiring) ---------------------------
+# --- end to end through the real daemon -------------------------------------------------------
 
-def _wired() -> bool:
-    import monitor.pipeline.processor
-
-    return hasattr(monitor.pipeline.processor, "MACHINE_WIRING")
-
-
-@pytest.mark.skipif(not _wired(), reason="daemon wiring pending")
 def test_daemon_publishes_machine_fault_only_for_faulty_part(
         state_dir: Path, cwru: tuple, tiny_model: Path, tmp_path: Path) -> None:
     normal, fault = cwru[1], cwru[2][1][2]

@@ -23,9 +23,10 @@ from monitor.apps.calibrate import (
     calibrate,
     count_events,
     listen,
+)
+from monitor.apps.calibrate_report import (
     parse_duration,
     parse_target,
-    rule_at,
     yaml_snippet,
 )
 from monitor.capture.sources import FileSource
@@ -34,6 +35,7 @@ from monitor.detect.detector import Detector
 from monitor.detect.events import ClassEventLogic, ClassRule
 from monitor.detect.learn import read_file
 from monitor.errors import ConfigError
+from monitor.pipeline.rules import rule_at
 
 RATE = 16000
 EVENT_GAINS = (0.01, 0.0115, 0.013, 0.015, 0.017, 0.0195, 0.022, 0.025, 0.029, 0.033)

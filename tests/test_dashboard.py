@@ -21,8 +21,9 @@ import pytest
 import soundfile as sf
 from rich.console import Console
 
-from monitor.apps.dashboard import _event_cells, handle_key, render_screen, render_snapshot
+from monitor.apps.dashboard import handle_key
 from monitor.apps.dashboard_state import DashboardState
+from monitor.apps.dashboard_view import _event_cells, render_screen, render_snapshot
 from monitor.protocol.messages import Anomaly, Event, Level, Message, Scores, Status, decode, encode
 
 RATE = 16000

@@ -119,7 +119,8 @@ def test_daemon_chain_with_ahead_of_time_kernels_never_imports_numba(
         import monitor.service.daemon
         from monitor.config import load_config
         from monitor.detect.detector import Detector
-        from monitor.pipeline.processor import NullSink, Processor
+        from monitor.pipeline.processor import Processor
+        from monitor.pipeline.results import NullSink
         config = load_config(None, overrides={{"model.path": {str(tiny_model)!r}}})
         processor = Processor(config, Detector(config.model.path), in_rate=48000, channels=2,
                               max_block=4096, sink=NullSink())

@@ -23,8 +23,8 @@ import soundfile as sf
 from jack_server import JackServer, jack_server, portaudio_on, require_jackd, stop_stale
 from test_native_capture import require_native_capture
 
+from monitor.capture.mic import MicSource, list_input_devices
 from monitor.capture.native_capture import PYTHON_CAPTURE_ENV
-from monitor.capture.sources import MicSource, list_input_devices
 from monitor.errors import AudioDeviceError
 
 RATE = 16000

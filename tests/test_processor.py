@@ -16,7 +16,9 @@ from monitor.detect.detector import Detector
 from monitor.detect.events import Transition
 from monitor.dsp.levels import LevelMeter
 from monitor.errors import ConfigError, ModelError
-from monitor.pipeline.processor import Processor, derive_timing, resolve_rules
+from monitor.pipeline.processor import Processor
+from monitor.pipeline.rules import resolve_rules
+from monitor.pipeline.timing import derive_timing
 
 
 class Recorder:
@@ -165,7 +167,7 @@ def test_hot_path_retains_no_memory(tiny_model: Path) -> None:
     """One 10 ms block at a time through the whole chain: nothing accumulates per hop."""
     import tracemalloc
 
-    from monitor.pipeline.processor import NullSink
+    from monitor.pipeline.results import NullSink
 
     config = load_config(None, overrides={"model.stride_ms": 100})
     processor = Processor(config, Detector(tiny_model), in_rate=48000, channels=2,
@@ -183,3 +185,29 @@ def test_hot_path_retains_no_memory(tiny_model: Path) -> None:
     assert processor.windows >= 500
     # One retained object per hop would be >= 48 kB; allow the binding's occasional 32 B.
     assert grown < 4096, f"{grown} bytes retained over 3000 hops"
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "events.onnx"
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="models/events.onnx absent: run "
+                                                  "`audio-monitor fetch-models`")
+@pytest.mark.parametrize("stride_ms", [100.0, 250.0])
+def test_training_replays_windows_as_the_live_chain_scores_them(stride_ms: float) -> None:
+    """Training chooses rules on windows placed by its own `StreamTiming`; the daemon runs
+    them on windows placed by `Timing`. They must cover and step the same samples, or a
+    rule tuned there would confirm differently here."""
+    from monitor.training.rules import StreamTiming
+
+    detector = Detector(SHIPPED)
+    config = load_config(None, overrides={"model.stride_ms": stride_ms})
+    timing = derive_timing(config, detector)
+    stream = StreamTiming.of(detector.card.frontend, stride_frames=timing.stride_frames)
+    assert (stream.window, stream.stride, stream.sample_rate) == \
+        (timing.detector_window, timing.stride, timing.sample_rate)
+    recorder = Recorder()
+    processor = Processor(config, detector, in_rate=timing.sample_rate, channels=1,
+                          max_block=4096, sink=recorder)
+    processor.process(np.zeros(3 * timing.sample_rate, np.float32))
+    ends = np.array([end for end, _ in recorder.scores])
+    assert len(ends) > 3 and set(np.diff(ends)) == {stream.stride}

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from monitor.capture.sources import FileSource, MicSource, Source, StdinSource, parse_source
+from monitor.capture.mic import MicSource
+from monitor.capture.sources import FileSource, Source, StdinSource, parse_source
 from monitor.errors import AudioDeviceError, ConfigError, SourceError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,8 @@ from test_processor import Recorder
 
 from monitor.config import load_config
 from monitor.detect.detector import Detector
-from monitor.pipeline.processor import NullSink, Processor
+from monitor.pipeline.processor import Processor
+from monitor.pipeline.results import NullSink
 
 RATE = 16000
 PAD = 2 * RATE  # 2 s: a whole number of hops and of strides (50 ms)

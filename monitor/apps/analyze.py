@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
-from monitor.capture.sources import promised_frames, truncation_warning
+from monitor.capture.audiofile import AudioFile
 from monitor.config import Config
 from monitor.detect.detector import Detector
 from monitor.detect.events import Transition
-from monitor.errors import SourceError
-from monitor.pipeline.processor import NullSink, Processor
+from monitor.errors import MonitorError, SourceError
+from monitor.pipeline.processor import Processor
+from monitor.pipeline.results import NullSink
 
 BLOCK_FRAMES = 4096
+EXIT_UNREADABLE = 2  # a file could not be read: a user error, as a bad config is
 
 
 @dataclass(frozen=True)
@@ -73,31 +77,22 @@ class FileAnalysis:
 def analyze(path: Path, *, config: Config, detector: Detector) -> FileAnalysis:
     """Events found in one file, as the live daemon would find them (same chain, same
     `Processor.finish` at the end of the file)."""
-    try:
-        handle = sf.SoundFile(str(path))
-    except (sf.LibsndfileError, RuntimeError, OSError) as err:
-        raise SourceError(f"cannot read audio file {path}: {err}") from err
+    audio = AudioFile(path)
     detector.reset()
     sink = _CollectingSink(str(path), detector.card.frontend.sample_rate)
     error = None
     warnings = []
-    read = 0
-    with handle:
-        promised = promised_frames(path, handle)
-        processor = Processor(config, detector, in_rate=handle.samplerate,
-                              channels=handle.channels, max_block=BLOCK_FRAMES, sink=sink)
-        block = np.zeros((BLOCK_FRAMES, handle.channels), dtype=np.float32)
+    with audio:
+        processor = Processor(config, detector, in_rate=audio.sample_rate,
+                              channels=audio.channels, max_block=BLOCK_FRAMES, sink=sink)
+        block = np.zeros((BLOCK_FRAMES, audio.channels), dtype=np.float32)
         try:
-            while True:
-                n = handle.read(out=block, dtype="float32", always_2d=True).shape[0]
-                if n == 0:
-                    break
-                read += n
+            while n := audio.read_into(block):
                 processor.process(block[:n].reshape(-1))
-        except (sf.LibsndfileError, RuntimeError) as err:
-            error = truncation_warning(path, read, promised, err)
+        except SourceError as err:
+            error = str(err)
         processor.finish()
-    truncated = truncation_warning(path, read, promised)
+    truncated = audio.truncation()
     if truncated is not None and error is None:
         warnings.append(truncated)
     timing = processor.timing
@@ -115,3 +110,34 @@ def analyze_file(path: Path, *, config: Config,
     """`analyze` reduced to the events and the read error, if any."""
     result = analyze(path, config=config, detector=detector)
     return result.events, result.error
+
+
+def analyze_command(files: Sequence[Path], *, config: Config, table: bool) -> int:
+    """`audio-monitor analyze`: each file's events as JSON lines (or one table at the end);
+    warnings and unreadable files on stderr. Returns 2 if any file could not be read."""
+    detector = Detector(config.model.path, threads=config.model.threads)
+    rows = []
+    failed = 0
+    for path in files:
+        try:
+            result = analyze(path, config=config, detector=detector)
+        except MonitorError as err:
+            print(f"audio-monitor: error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        for warning in [result.error, *result.warnings]:
+            if warning:
+                print(f"audio-monitor: warning: {warning}", file=sys.stderr)
+        for event in result.events:
+            if not table:
+                print(json.dumps(event.to_json()), flush=True)
+            rows.append(event)
+    if table:
+        from rich.console import Console
+        from rich.table import Table
+
+        view = Table("file", "class", "start s", "end s", "score")
+        for e in rows:
+            view.add_row(e.file, e.label, f"{e.start_s:.2f}", f"{e.end_s:.2f}", f"{e.score:.2f}")
+        Console().print(view)
+    return EXIT_UNREADABLE if failed else 0

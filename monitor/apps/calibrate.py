@@ -1,4 +1,5 @@
-"""Site calibration (`audio-monitor calibrate`): per-class thresholds from a room's normal life.
+"""Site calibration: per-class thresholds from a room's normal life (`audio-monitor calibrate`;
+its options, run and report are in `monitor.apps.calibrate_report`).
 
 The room is heard through exactly the live chain (`Processor`, the same sources as `run`);
 a `ScoreRecorder` sink keeps only each watched class's window scores, as float16 values
@@ -23,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -31,14 +31,15 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from msgspec.structs import replace
 
 from monitor.capture.sources import Source
 from monitor.config import Config, EventRule
 from monitor.detect.detector import Detector
 from monitor.detect.events import ClassEventLogic, ClassRule
-from monitor.errors import ConfigError
-from monitor.pipeline.processor import NullSink, Processor, Timing, derive_timing, resolve_rules
+from monitor.pipeline.processor import Processor
+from monitor.pipeline.results import NullSink
+from monitor.pipeline.rules import resolve_rules, rule_at
+from monitor.pipeline.timing import Timing, derive_timing
 
 logger = logging.getLogger(__name__)
 
@@ -49,28 +50,6 @@ PROGRESS_EVERY_S = 600.0
 DRAIN_S = 2.0
 TOP_THRESHOLD = 0.999
 STEP = 0.001
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh])\s*$")
-_RATE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*h)?\s*$")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from '8h', '30m', '90s', '1.5h'; ConfigError naming `--duration` if not."""
-    match = _DURATION.match(text)
-    seconds = float(match.group(1)) * _UNITS[match.group(2)] if match else 0.0
-    if not seconds > 0 or not math.isfinite(seconds):
-        raise ConfigError(f"--duration {text!r}: expected a positive number with a unit s, m "
-                          "or h (e.g. 8h, 30m, 90s)")
-    return seconds
-
-
-def parse_target(text: str) -> float:
-    """False alarms per hour from '1/h', '0.5/h' or '2'; ConfigError naming `--target-fa`."""
-    match = _RATE.match(text)
-    if match is None or not math.isfinite(float(match.group(1))):
-        raise ConfigError(f"--target-fa {text!r}: expected false alarms per hour >= 0, as "
-                          "1/h, 0.5/h or 2")
-    return float(match.group(1))
 
 
 class ScoreRecorder(NullSink):
@@ -217,17 +196,6 @@ def listen(config: Config, detector: Detector, source: Source, *, seconds: float
 
 # --- choosing thresholds ----------------------------------------------------------------
 
-def rule_at(config: Config, detector: Detector, timing: Timing, name: str,
-            threshold: float | None) -> ClassRule:
-    """The rule the daemon would run for class `name` with `threshold` set in the config
-    (None: left out, so the card's threshold)."""
-    rule = config.events.classes.get(name, EventRule())
-    classes = dict(config.events.classes)
-    classes[name] = replace(rule, threshold=threshold)
-    changed = replace(config, events=replace(config.events, classes=classes))
-    return resolve_rules(changed, detector, timing)[name]
-
-
 def count_events(scores: np.ndarray, rule: ClassRule, *, first_end: int, stride: int,
                  window: int, audio_windows: int, audio_end: int,
                  onset_lead: int | None) -> int:
@@ -336,73 +304,6 @@ def validation_peaks(model_path: Path) -> dict[str, np.ndarray] | None:
                 for name, values in peaks.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-
-
-# --- report -------------------------------------------------------------------------------
-
-def _rate(events: int, hours: float) -> float:
-    return events / hours if hours > 0 else math.inf
-
-
-def _thr(value: float) -> str:
-    """A threshold as written to the config: no more digits than it has."""
-    return f"{value:.6g}"
-
-
-def summary(results: list[ClassResult], heard: Heard, *, target: float, asked_s: float | None,
-            source: str, peaks_known: bool) -> str:
-    """The table printed to stdout (one line a class) and the lines around it."""
-    seconds = heard.samples / heard.sample_rate
-    clock = f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{seconds % 60:04.1f}"
-    lines = [f"calibrate: heard {heard.hours:.3f} h ({clock}) of {source}"]
-    if asked_s is not None and heard.stopped_by != "duration":
-        why = {"signal": "stopped by a signal", "end of source": "the source ended",
-               "device": "the device failed"}[heard.stopped_by]
-        lines[0] += f", of {asked_s / 3600:.3f} h asked: {why}"
-    if heard.source_error is not None:
-        lines.append(f"source: {heard.source_error}")
-    lines.append(f"target: at most {target:g} false alarms per hour (everything heard counts "
-                 "as a false alarm)")
-    header = (f"{'class':<14}{'card thr':>9}{'FA/h':>9}{'chosen':>9}{'FA/h':>9}"
-              f"{'recall card':>13}{'recall chosen':>15}")
-    lines += [header, "-" * len(header)]
-    for r in results:
-        recall_card = "?" if r.recall_card is None else f"{r.recall_card:.3f}"
-        recall = "?" if r.recall is None else f"{r.recall:.3f}"
-        note = "" if r.reached else "  target not reached even at 0.999"
-        lines.append(f"{r.name:<14}{_thr(r.card_threshold):>9}"
-                     f"{_rate(r.card_events, heard.hours):>9.2f}{_thr(r.threshold):>9}"
-                     f"{_rate(r.events, heard.hours):>9.2f}{recall_card:>13}{recall:>15}{note}")
-    if not peaks_known:
-        lines.append("recall cost: unknown for this model (its card has no "
-                     "training.validation_positive_peaks)")
-    else:
-        counts = ", ".join(f"{r.name} {r.positives}" for r in results)
-        lines.append(f"recall: share of the model's validation positives still found "
-                     f"({counts} clips)")
-    if target > 0 and heard.hours * target < 1.0:
-        lines.append(f"note: at {target:g}/h one false alarm is allowed every "
-                     f"{1 / target:.3g} h; {heard.hours:.3f} h heard proves little: listen "
-                     "longer")
-    return "\n".join(lines)
-
-
-def yaml_snippet(results: list[ClassResult], heard: Heard, *, target: float,
-                 source: str) -> str:
-    """Thresholds to paste into config.yaml (`events.classes.<name>.threshold`)."""
-    today = time.strftime("%Y-%m-%d", time.gmtime())
-    lines = [f"# audio-monitor calibrate {today}: {heard.hours:.3f} h of {source}, "
-             f"target {target:g} false alarms/h",
-             "events:", "  classes:"]
-    for r in results:
-        recall = "" if r.recall is None else \
-            f"; recall {r.recall:.3f} (card {r.recall_card:.3f}) of {r.positives} positives"
-        reached = "" if r.reached else "; TARGET NOT REACHED"
-        lines += [f"    {r.name}:",
-                  f"      threshold: {_thr(r.threshold)}  # {_rate(r.events, heard.hours):.2f} "
-                  f"FA/h here (card {_thr(r.card_threshold)}: "
-                  f"{_rate(r.card_events, heard.hours):.2f} FA/h){recall}{reached}"]
-    return "\n".join(lines) + "\n"
 
 
 def calibrate(config: Config, detector: Detector, source: Source, *, seconds: float | None,

@@ -7,7 +7,6 @@ publisher, and shows events and what the model hears as the daemon publishes the
 from __future__ import annotations
 
 import csv
-import os
 import tempfile
 import threading
 from pathlib import Path
@@ -17,8 +16,10 @@ import soundfile as sf
 from msgspec.structs import replace
 from rich.console import Console
 
+from monitor.capture.audiofile import read_audio
 from monitor.capture.sources import FileSource
-from monitor.config import Config
+from monitor.config import MODELS_DIR, Config
+from monitor.config import data_dir as data_dir_default
 from monitor.detect.detector import Detector
 from monitor.errors import SourceError
 from monitor.outputs.composer import Output
@@ -27,19 +28,18 @@ from monitor.protocol.messages import Event, Message, Scores
 from monitor.service.daemon import Daemon
 from monitor.training.dataset import split_of
 
-REPO = Path(__file__).resolve().parents[2]
-DATA_DIR = Path(os.environ.get("AUDIO_MONITOR_DATA", REPO.parent / "shared" / "data"))
-DEMO_CACHE = REPO / ".cache" / "demo"
+DEMO_CACHE = MODELS_DIR.parent / ".cache" / "demo"
 # Real recordings played by the demo, by label, from the test split of ../shared/data
 # (files the event model never trained on). Gaps are digital silence.
 DEMO_PLAYLIST = ("non_fall", "cough", "background", "fall", "glass_break", "cough", "fall")
 
 
-def demo_audio(data_dir: Path = DATA_DIR) -> Path:
+def demo_audio(data_dir: Path | None = None) -> Path:
     """Build (once) the demo recording from real clips; returns its path."""
     target = DEMO_CACHE / "demo.flac"
     if target.is_file():
         return target
+    data_dir = data_dir or data_dir_default()
     labels = data_dir / "labels.csv"
     if not labels.is_file():
         raise SourceError(f"demo recordings not found at {data_dir}; set AUDIO_MONITOR_DATA to "
@@ -61,8 +61,7 @@ def demo_audio(data_dir: Path = DATA_DIR) -> Path:
             raise SourceError(f"no {label!r} recording found in {labels}")
         index = used.get(label, 0)
         used[label] = index + 1
-        audio, rate = sf.read(str(files[(index * 7) % len(files)]), dtype="float32",
-                              always_2d=True)
+        audio, rate = read_audio(files[(index * 7) % len(files)])
         if rate != 16000:
             raise SourceError(f"demo clip {files[0]} is {rate} Hz; expected 16000")
         pieces.append(audio.mean(axis=1))
@@ -107,7 +106,7 @@ def run_demo(config: Config, *, audio: Path | None, fast: bool) -> int:
     detector = Detector(config.model.path, threads=config.model.threads)
     source = FileSource(path, realtime=not fast, ring_seconds=config.audio.ring_seconds,
                         block_ms=config.audio.block_ms)
-    seconds = sf.info(str(path)).duration
+    seconds = source.frames_promised / source.sample_rate if source.frames_promised else 0.0
     printer = Printer(console)
     with tempfile.TemporaryDirectory(prefix="audio-monitor-demo-") as folder:
         # ZeroMQ still publishes (`audio-monitor listen ipc://...` could watch), privately.

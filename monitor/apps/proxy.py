@@ -248,3 +248,18 @@ def describe(config: ProxyConfig) -> str:
     return json.dumps({"publish": config.publish, "catchup": config.catchup,
                        "sensors": [s.sensor_id for s in config.sensors],
                        "curve": config.secret_key is not None})
+
+
+def proxy_command(config: ProxyConfig, *, stop: threading.Event) -> int:
+    """`audio-monitor proxy`: run until `stop`; prints the bound endpoints as one JSON line
+    first (port 0 in the config picks free ones)."""
+    proxy = Proxy(config)
+    proxy.start()
+    logger.info("proxy running: %s", describe(config))
+    print(json.dumps({"publish": proxy.publish_endpoint, "catchup": proxy.catchup_endpoint}),
+          flush=True)
+    try:
+        stop.wait()
+    finally:
+        proxy.stop()
+    return 0

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 
-from monitor.detect import anomaly
+from monitor.capture.audiofile import read_audio
+from monitor.detect import anomaly, baselines
 from monitor.dsp.frontend import FrontendParams, logmel_of
 from monitor.dsp.resample import StreamingResampler, downmix_into
 from monitor.errors import ConfigError, SourceError
@@ -48,13 +48,7 @@ def _resample_all(x: np.ndarray, in_rate: int, out_rate: int) -> np.ndarray:
 
 def read_file(path: Path, *, rate: int, max_seconds: float | None = None) -> np.ndarray:
     """Mono float32 at `rate` (downmixed, resampled, non-finite samples zeroed)."""
-    try:
-        info = sf.info(str(path))
-        frames = -1 if max_seconds is None else int(max_seconds * info.samplerate)
-        data, file_rate = sf.read(str(path), dtype="float32", always_2d=True, frames=frames)
-    except (OSError, RuntimeError, sf.LibsndfileError) as err:
-        raise SourceError(f"cannot read audio file {path}: {' '.join(str(err).split())}") \
-            from err
+    data, file_rate = read_audio(path, max_seconds=max_seconds)
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     mono = np.nan_to_num(mono, nan=0.0, posinf=0.0, neginf=0.0)
     return _resample_all(mono, int(file_rate), rate)
@@ -62,7 +56,7 @@ def read_file(path: Path, *, rate: int, max_seconds: float | None = None) -> np.
 
 def record_mic(device: str | None, *, seconds: float, rate: int) -> np.ndarray:
     """Record `seconds` of audio from the microphone, mono at `rate`."""
-    from monitor.capture.sources import MicSource  # PortAudio only when the mic is used
+    from monitor.capture.mic import MicSource  # PortAudio only when the mic is used
 
     source = MicSource(device, ring_seconds=4.0, block_ms=20.0)
     block = np.zeros(source.ring.capacity, dtype=np.float32)
@@ -127,7 +121,7 @@ def learn_command(*, machine: str, sources: list[str], minutes: float | None, st
     audio = read_sources(sources, minutes=minutes, rate=frontend.sample_rate)
     baseline = anomaly.fit_baseline(audio, logmel_of(audio, frontend), machine=machine,
                                     params=frontend, sources=list(sources))
-    folder = anomaly.save_baseline(baseline, state_dir, keep=keep)
+    folder = baselines.save_baseline(baseline, state_dir, keep=keep)
     card = baseline.card
     print(f"machine {machine}: learned {card['seconds']:.1f} s of running audio in "
           f"{time.perf_counter() - started:.1f} s; running level "
@@ -258,7 +252,8 @@ def load_cwru(data_dir: Path, *, rate: int) -> tuple[np.ndarray, list[tuple[str,
     faults = []
     with labels.open(newline="") as fh:
         for row in csv.DictReader(fh):
-            x, file_rate = sf.read(str(data_dir / row["path"]), dtype="float64")
+            x, file_rate = read_audio(data_dir / row["path"], dtype="float64")
+            x = x.mean(axis=1)
             audio = _resample_all((x * CWRU_GAIN).astype(np.float32), int(file_rate), rate)
             if row["label"] == "normal":
                 normal = audio

@@ -9,20 +9,24 @@ objects, so an event carries the same `event_id` and journal `seq` on every
 output. The chain does not know which outputs exist. An output that raises is
 logged and counted (`output_errors`); the others and the daemon carry on.
 
-Adding an output: a module with an `Output` subclass and a key in `config.yaml`,
-built in `build_outputs`.
+Adding an output: a module `monitor/outputs/<key>.py` with an `Output` subclass and a
+`build(section, context)` function, and a section `<key>:` with an `enabled` flag in
+`Config` (and `config.yaml`); `build_outputs` builds every enabled one.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from monitor.config import Config
 from monitor.detect.anomaly import MachineReading
 from monitor.detect.events import Transition
 from monitor.dsp.levels import LevelMeter
@@ -46,11 +50,38 @@ class Catalog:
     """Machines watched for faults."""
 
 
+@dataclass(frozen=True)
+class OutputContext:
+    """What every optional output is built with, beside its own config section."""
+
+    sensor_id: str
+    state_dir: Path
+    """Where an output keeps its state (e.g. what a broker has acknowledged)."""
+    journal_path: Path | None = None
+    """The event journal of the ZeroMQ output, to replay what an output has not delivered."""
+
+
+@dataclass(frozen=True)
+class Live:
+    """Snapshots of the running daemon, safe to call from any thread (e.g. an HTTP server's)."""
+
+    counters: Callable[[], dict[str, int]]
+    """The `status` message's counters."""
+    state: Callable[[], str]
+    """The health state: running, degraded or stalled."""
+    gauges: Callable[[], dict[str, float]]
+    """Values beside the counters (`*_total` ones only grow)."""
+
+
 class Output:
     """One output of the daemon. Every method is called from the processing thread and
     must not block it: queue, drop and count instead. Defaults do nothing."""
 
     name: ClassVar[str] = "output"
+
+    def start(self, live: Live) -> None:
+        """The daemon is built and about to run; `live` reads its state at any time. A
+        MonitorError here (say, a port in use) stops the start, naming the config key."""
 
     def announce(self, catalog: Catalog) -> None:
         """What the sensor produces; again after a reload changed it."""
@@ -224,6 +255,11 @@ class Composer:
         assert isinstance(message, Status)
         return message
 
+    def start(self, live: Live) -> None:
+        """Start every output (errors propagate: they are configuration errors)."""
+        for output in self.outputs:
+            output.start(live)
+
     def announce(self, catalog: Catalog) -> None:
         for output in self.outputs:
             try:
@@ -256,3 +292,19 @@ class Composer:
                 output.close()
             except Exception:
                 logger.exception("output %s failed to close", output.name)
+
+
+def build_outputs(config: Config, context: OutputContext) -> list[Output]:
+    """Every optional output whose config section is enabled, in the order of `Config`.
+
+    A section `<key>:` with `enabled: true` is built by `monitor.outputs.<key>.build(section,
+    context)`. The ZeroMQ output is not among them: it is always there, and first, since it
+    numbers and journals every message.
+    """
+    outputs = []
+    for key in config.__struct_fields__:
+        section = getattr(config, key)
+        if getattr(section, "enabled", None) is True:
+            module = importlib.import_module(f"{__package__}.{key}")
+            outputs.append(module.build(section, context))
+    return outputs

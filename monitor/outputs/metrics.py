@@ -1,11 +1,12 @@
-"""Prometheus metrics over HTTP (`run --metrics ADDR:PORT`; off by default).
+"""Prometheus metrics over HTTP (config `metrics:`, or `run --metrics ADDR:PORT`; off by
+default).
 
 Nothing is counted twice: the daemon's own counters (the ones in `status` messages)
 are read when Prometheus scrapes, by a collector running in the HTTP server's thread.
 Reading ints another thread writes is safe in CPython; a scrape may see counters a
 few microseconds apart, which Prometheus tolerates. Only what the counters lack is
-recorded as it happens, by `MetricsOutput` (events by class, inference latency per
-scored window), an output of the daemon like any other.
+recorded as it happens (events by class, inference latency per scored window), by
+`MetricsOutput`, an output of the daemon like any other.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from monitor.config import MetricsConfig
 from monitor.errors import ConfigError
-from monitor.outputs.composer import Output
+from monitor.outputs.composer import Live, Output, OutputContext
 from monitor.protocol.messages import Event, Message
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MetricsOutput", "MetricsServer", "parse_address"]
+__all__ = ["MetricsOutput", "build", "parse_address"]
 
 PREFIX = "audio_monitor"
 INFERENCE_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
@@ -62,8 +64,8 @@ def parse_address(text: str) -> tuple[str, int]:
     match = _ADDRESS.match(text.strip())
     port = int(match["port"]) if match else -1
     if match is None or not 0 <= port <= 65535:
-        raise ConfigError(f"--metrics {text!r} is not ADDR:PORT (e.g. 127.0.0.1:9108, :9108, "
-                          "[::1]:9108, 0.0.0.0:9108)")
+        raise ConfigError(f"$.metrics.address: {text!r} is not ADDR:PORT (e.g. 127.0.0.1:9108, "
+                          ":9108, [::1]:9108, 0.0.0.0:9108)")
     host = match["v6"] or match["host"] or "127.0.0.1"
     return host, port
 
@@ -97,14 +99,43 @@ class _DaemonCollector(Collector):
         yield family
 
 
+def build(settings: MetricsConfig, context: OutputContext) -> MetricsOutput:
+    """The `metrics:` output (`monitor.outputs.composer.build_outputs`)."""
+    return MetricsOutput(parse_address(settings.address))
+
+
 class MetricsOutput(Output):
-    """Counts events by class and observes the inference latency of every scored window."""
+    """A private registry served over HTTP by prometheus_client's server thread (from
+    `start`): the daemon's counters read at scrape time, events counted by class and the
+    inference latency of every scored window observed as they happen."""
 
     name = "metrics"
 
-    def __init__(self, *, events: Counter, inference: Histogram) -> None:
-        self._events = events
-        self._inference = inference
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._events = Counter(f"{PREFIX}_events", "Events started, by class", ["class"],
+                               registry=self.registry)
+        self._inference = Histogram(f"{PREFIX}_inference_seconds",
+                                    "Detector inference time per scored window",
+                                    buckets=INFERENCE_BUCKETS_S, registry=self.registry)
+        self._listen = address
+        self._server: Any = None
+        self.address: tuple[str, int] | None = None
+        """The bound (host, port), once started."""
+
+    def start(self, live: Live) -> None:
+        """Read `live` at every scrape and serve /metrics. ConfigError if it cannot bind."""
+        self.registry.register(_DaemonCollector(live.counters, live.state, live.gauges))
+        host, port = self._listen
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as err:
+            raise ConfigError(f"$.metrics.address: cannot listen on {host}:{port}: "
+                              f"{err.strerror}; pick a free port") from err
+        self._server = server
+        self.address = (host, int(server.server_port))
+        logger.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]",
+                    self.address[1])
 
     def send(self, message: Message) -> None:
         if isinstance(message, Event) and message.phase == "start":
@@ -112,42 +143,6 @@ class MetricsOutput(Output):
 
     def scored(self, inference_ms: float) -> None:
         self._inference.observe(inference_ms / 1000.0)
-
-
-class MetricsServer:
-    """A private registry served over HTTP by prometheus_client's server thread."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.events = Counter(f"{PREFIX}_events", "Events started, by class", ["class"],
-                              registry=self.registry)
-        self.inference = Histogram(f"{PREFIX}_inference_seconds",
-                                   "Detector inference time per scored window",
-                                   buckets=INFERENCE_BUCKETS_S, registry=self.registry)
-        self._server: Any = None
-        self.address: tuple[str, int] | None = None
-
-    def output(self) -> MetricsOutput:
-        """The daemon output that records events and inference latency as they happen."""
-        return MetricsOutput(events=self.events, inference=self.inference)
-
-    def collect_from(self, *, counters: Callable[[], dict[str, int]], state: Callable[[], str],
-                     gauges: Callable[[], dict[str, float]]) -> None:
-        """Read these snapshots (the daemon's `status` counters) at every scrape."""
-        self.registry.register(_DaemonCollector(counters, state, gauges))
-
-    def start(self, host: str, port: int) -> tuple[str, int]:
-        """Serve /metrics; returns the bound (host, port). ConfigError if it cannot bind."""
-        try:
-            server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as err:
-            raise ConfigError(f"--metrics: cannot listen on {host}:{port}: {err.strerror}; "
-                              "pick a free port") from err
-        self._server = server
-        self.address = (host, int(server.server_port))
-        logger.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]",
-                    self.address[1])
-        return self.address
 
     def close(self) -> None:
         if self._server is not None:

@@ -43,7 +43,7 @@ import paho.mqtt.client as paho
 
 from monitor.config import MqttConfig
 from monitor.errors import ConfigError, MessageError
-from monitor.outputs.composer import Catalog, Output
+from monitor.outputs.composer import Catalog, Output, OutputContext
 from monitor.outputs.journal import JournalReader
 from monitor.outputs.mqtt_discovery import OFFLINE, ONLINE, discovery_messages
 from monitor.protocol.messages import (
@@ -146,6 +146,12 @@ class _Cursor:
 
     def close(self) -> None:
         self._conn.close()
+
+
+def build(settings: MqttConfig, context: OutputContext) -> MqttOutput:
+    """The `mqtt:` output (`monitor.outputs.composer.build_outputs`)."""
+    return MqttOutput(settings, sensor_id=context.sensor_id, state_dir=context.state_dir,
+                      journal_path=context.journal_path)
 
 
 class MqttOutput(Output):

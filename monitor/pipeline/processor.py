@@ -17,140 +17,23 @@ Results leave through a `Sink`, so this module does no I/O.
 
 from __future__ import annotations
 
-import difflib
 import time
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import replace
 
 import numpy as np
 
-from monitor.config import Config, EventRule
+from monitor.config import Config
 from monitor.detect.anomaly import MachineReading, MachineScorer
 from monitor.detect.detector import Detector
-from monitor.detect.events import ClassRule, EventLogic, Transition
+from monitor.detect.events import ClassRule, EventLogic
 from monitor.dsp.frontend import Frontend
 from monitor.dsp.levels import LevelMeter
 from monitor.dsp.resample import StreamingResampler, downmix_into
-from monitor.errors import ConfigError
+from monitor.pipeline.results import NullSink, Sink
+from monitor.pipeline.rules import resolve_rules
+from monitor.pipeline.timing import derive_timing
 
 INFERENCE_HISTORY = 512
-DEFAULT_METER_HZ = 10.0
-MACHINE_WIRING = True
-"""Machine anomaly scorers run beside the event detector (tests check for this)."""
-
-
-class Sink(Protocol):
-    """Receives what the processor finds; positions are samples at the front-end rate."""
-
-    def on_transition(self, transition: Transition) -> None: ...
-
-    def on_scores(self, end: int, scores: np.ndarray, inference_ms: float) -> None:
-        """One scored window ending at sample `end`; `inference_ms`: the model's time on it."""
-
-    def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None: ...
-
-    def on_machine(self, reading: MachineReading) -> None: ...
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Every size in samples or frames, derived in one place from config and model card."""
-
-    sample_rate: int
-    hop: int
-    window: int
-    """Front-end analysis window, samples."""
-    window_frames: int
-    stride_frames: int
-    level_span: int
-    """Samples per level span: one `level` message, one update of the meter."""
-    publish_levels: bool
-
-    @property
-    def detector_window(self) -> int:
-        """Samples covered by one scored window of `window_frames` frames."""
-        return (self.window_frames - 1) * self.hop + self.window
-
-    @property
-    def stride(self) -> int:
-        return self.stride_frames * self.hop
-
-    def frame_end(self, frame_index: int) -> int:
-        """Sample just after the last sample of frame `frame_index` (0-based)."""
-        return frame_index * self.hop + self.window
-
-    def first_frame_ending_at(self, sample: int) -> int:
-        """Index of the first frame whose `frame_end` is at or after `sample`."""
-        return max(0, -(-(sample - self.window) // self.hop))
-
-
-def derive_timing(config: Config, detector: Detector) -> Timing:
-    params = detector.card.frontend
-    hop = params.hop_length
-    stride_frames = max(1, round(config.model.stride_ms / params.hop_ms))
-    level_hz = config.publish.level_hz or DEFAULT_METER_HZ  # machines' level gate needs a meter
-    return Timing(sample_rate=params.sample_rate, hop=hop, window=params.win_length,
-                  window_frames=detector.window_frames, stride_frames=stride_frames,
-                  level_span=round(params.sample_rate / level_hz),
-                  publish_levels=config.publish.level_hz > 0)
-
-
-def resolve_rules(config: Config, detector: Detector, timing: Timing) -> dict[str, ClassRule]:
-    """Class rules in samples: config per class, else the card's threshold, else defaults."""
-    classes = detector.classes
-    for name in config.events.classes:
-        if name not in classes:
-            close = difflib.get_close_matches(name, classes, n=3)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ConfigError(f"events.classes.{name}: the model {detector.card.name!r} has no "
-                              f"class {name!r}{hint}")
-    names = list(config.events.classes)
-    if not config.events.only_listed:
-        names += [n for n in detector.card.thresholds if n not in config.events.classes]
-    default = config.events.default
-    rules = {}
-    for name in names:
-        rule = config.events.classes.get(name, EventRule())
-        card = detector.card.rules.get(name, {})
-
-        def pick(key: str, *fallbacks: float | None) -> float:
-            """The config's class rule, then the model card's tuned value, then fallbacks."""
-            return _first(getattr(rule, key), card.get(key), *fallbacks)  # noqa: B023
-
-        threshold = _first(rule.threshold, detector.card.thresholds.get(name), default.threshold)
-        release = min(pick("release", default.release, 0.8 * threshold), threshold)
-        confirm_m = int(pick("confirm_m", default.confirm_m))
-        confirm_n = min(int(pick("confirm_n", default.confirm_n)), confirm_m)
-        ms_to_samples = timing.sample_rate / 1000.0
-        rules[name] = ClassRule(
-            threshold=threshold, release=release, confirm_n=confirm_n, confirm_m=confirm_m,
-            min_duration=round(pick("min_duration_ms", default.min_duration_ms)
-                               * ms_to_samples),
-            refractory=round(pick("refractory_ms", default.refractory_ms) * ms_to_samples))
-    return rules
-
-
-def _first(*values: float | None) -> float:
-    for value in values:
-        if value is not None:
-            return float(value)
-    raise ValueError("no value")
-
-
-class NullSink:
-    """A sink that ignores everything (warm-up; base for sinks that need only part)."""
-
-    def on_transition(self, transition: Transition) -> None:
-        pass
-
-    def on_scores(self, end: int, scores: np.ndarray, inference_ms: float) -> None:
-        pass
-
-    def on_level(self, end: int, meter: LevelMeter, mel_frame: np.ndarray) -> None:
-        pass
-
-    def on_machine(self, reading: MachineReading) -> None:
-        pass
 
 
 class Processor:

@@ -15,20 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from monitor.capture.sources import (
-    FileSource,
-    MicSource,
-    Source,
-    StdinSource,
-    parse_source,
-    rescan_devices,
-)
+from monitor.capture.mic import MicSource, rescan_devices
+from monitor.capture.sources import FileSource, Source, StdinSource, parse_source
 from monitor.config import Config
 from monitor.detect.detector import Detector
 from monitor.errors import DeviceAbsentError, MonitorError
 from monitor.outputs.composer import Catalog, Composer, Output, ZmqOutput
 from monitor.outputs.publisher import Publisher
-from monitor.pipeline.processor import Processor, resolve_rules
+from monitor.pipeline.processor import Processor
+from monitor.pipeline.rules import resolve_rules
 from monitor.protocol.messages import Status
 from monitor.service.sdnotify import Notifier
 from monitor.service.watchdog import Health, Progress
@@ -138,7 +133,7 @@ class Daemon:
         self._started = time.monotonic()
         self._samples_at_status = -1
         self.health = Health(Notifier.from_env(), stall_s=STALL_S,
-                             capture_may_idle=not isinstance(source, FileSource))
+                             capture_may_idle=source.live)
         self.reloader: Callable[[], Config] | None = None
         """Re-reads the configuration on SIGHUP (set by the CLI)."""
         self.reload_requested = threading.Event()
@@ -151,7 +146,7 @@ class Daemon:
     def run(self, stop: threading.Event) -> None:
         """Process until `stop` is set or a finite source is exhausted."""
         source, ring, processor = self.source, self.source.ring, self.processor
-        live = not isinstance(source, FileSource)  # a file's audio time is its own clock
+        live = source.live  # a file's audio time is its own clock
         status_every = self.config.publish.status_interval_s
         self.sink.close_left_open(self.publisher.open_events())  # before new audio is judged
         self.source.start()
