@@ -27,10 +27,11 @@ import soundfile as sf
 
 from benchmarks.bench_fleet import bench_fleet, render_rows
 from benchmarks.bench_frontend import librosa_hop_us, numpy_hop_us, torchaudio_hop_us
+from monitor.config import data_dir
 from monitor.dsp.frontend import Frontend, FrontendParams, bench_hop_us, logmel_of
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("AUDIO_MONITOR_DATA", REPO.parent / "shared" / "data"))
+DATA = data_dir()
 CACHE = REPO / ".cache" / "bench"
 RATE = 16000
 

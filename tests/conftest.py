@@ -15,8 +15,10 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1]
 
 from tiny_model import build_tiny_model
 
+from monitor.config import data_dir
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("AUDIO_MONITOR_DATA", REPO.parent / "shared" / "data"))
+SHARED_DATA = data_dir()
 
 
 @pytest.fixture(scope="session")

@@ -25,11 +25,12 @@ from test_native_capture import require_native_capture
 
 from monitor.capture.mic import MicSource, list_input_devices
 from monitor.capture.native_capture import PYTHON_CAPTURE_ENV
+from monitor.config import data_dir
 from monitor.errors import AudioDeviceError
 
 RATE = 16000
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("AUDIO_MONITOR_DATA", REPO.parent / "shared" / "data"))
+DATA = data_dir()
 CLIP = DATA / "safe" / "fall" / "01-020-02-073-01.flac"  # a real 3 s, 16 kHz mono recording
 
 

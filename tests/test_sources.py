@@ -14,10 +14,11 @@ import soundfile as sf
 
 from monitor.capture.mic import MicSource
 from monitor.capture.sources import FileSource, Source, StdinSource, parse_source
+from monitor.config import data_dir
 from monitor.errors import AudioDeviceError, ConfigError, SourceError
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("AUDIO_MONITOR_DATA", REPO.parent / "shared" / "data"))
+DATA = data_dir()
 CLIP = DATA / "safe" / "fall" / "01-065-01-005-01.flac"  # a real 3 s, 16 kHz mono recording
 
 
