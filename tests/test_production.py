@@ -2,9 +2,10 @@
 
 Real processes and real sockets: the daemon runs as a subprocess with NOTIFY_SOCKET
 pointing at a unix datagram socket this test binds, exactly what systemd does.
-Faults are injected from outside: SIGUSR2 (only with AUDIO_MONITOR_FAULTS=1) freezes
-the processing stage while the loop keeps running; a stdin writer goes quiet; a
-private JACK server is paused and resumed under a live `mic:` source.
+Faults are injected from outside: SIGUSR2 freezes the processing stage while the loop
+keeps running (the daemon runs through `tests/fault_daemon.py`, the CLI with that switch);
+a stdin writer goes quiet; a private JACK server is paused and resumed under a live `mic:`
+source.
 """
 
 from __future__ import annotations
@@ -199,12 +200,12 @@ class Daemon:
         self.sub.setsockopt_string(zmq.SUBSCRIBE, "")
         self.sub.connect(self.endpoint)
         full_env = dict(os.environ, NOTIFY_SOCKET=self.systemd.address,
-                        WATCHDOG_USEC=str(watchdog_usec), AUDIO_MONITOR_FAULTS="1",
+                        WATCHDOG_USEC=str(watchdog_usec),
                         **(env or {}))
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "monitor", "run", "--config", str(config), "--source",
-             source, "--publish", self.endpoint, *extra],
+            [sys.executable, str(REPO / "tests" / "fault_daemon.py"), "run", "--config",
+             str(config), "--source", source, "--publish", self.endpoint, *extra],
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, env=full_env, cwd=REPO, start_new_session=True)
         self.stderr: list[str] = []
@@ -332,7 +333,7 @@ def test_ready_watchdog_freeze_reload_and_stop(tmp_path: Path, tiny_model: Path,
     d.systemd.wait_for("STATUS", "degraded (capture idle)", since=t0 - 2, timeout=5)
     feeder.quiet.clear()
 
-    # Processing frozen (test hook) while audio keeps arriving: pings stop, then resume.
+    # Processing frozen (fault_daemon.py) while audio keeps arriving: pings stop, then resume.
     d.pump(1.0)
     d.proc.send_signal(signal.SIGUSR2)
     stalled = d.systemd.wait_for("STATUS", "stalled: processing", timeout=15)

@@ -24,7 +24,6 @@ from monitor.service.daemon import Daemon, wait_for_source
 logger = logging.getLogger(__name__)
 
 EXIT_RESTART = 75  # EX_TEMPFAIL: the audio device needs a new process (systemd restarts it)
-FAULTS_ENV = "AUDIO_MONITOR_FAULTS"  # 1: enable test-only fault injection signals
 
 
 def run_daemon(config: Config, *, reload: Callable[[], Config],
@@ -54,8 +53,6 @@ def run_daemon(config: Config, *, reload: Callable[[], Config],
                     outputs=outputs)
     daemon.reloader = reload
     signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
-    if os.environ.get(FAULTS_ENV) == "1":  # tests only: SIGUSR2 freezes/thaws processing
-        signal.signal(signal.SIGUSR2, lambda *_: _toggle(daemon.frozen))
     daemon.sink.start(Live(counters=daemon.counters, state=lambda: daemon.health.state,
                            gauges=daemon.gauges))
     logger.info("publishing on %s as %s; model %s; source %s", publisher.bound_endpoint,
@@ -73,10 +70,3 @@ def run_daemon(config: Config, *, reload: Callable[[], Config],
         logging.shutdown()
         os._exit(EXIT_RESTART)
     return 0
-
-
-def _toggle(flag: threading.Event) -> None:
-    if flag.is_set():
-        flag.clear()
-    else:
-        flag.set()

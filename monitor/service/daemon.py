@@ -31,7 +31,6 @@ from monitor.service.watchdog import Health, Progress
 logger = logging.getLogger(__name__)
 
 READ_BLOCK_FRAMES = 4096
-IDLE_WAIT_S = 0.005  # while frozen (test hook)
 POLL_INTERVAL_S = 0.1
 DEFAULT_STDIN_RATE = 16000
 STALL_S = 5.0  # a stage without progress this long stops the watchdog pings
@@ -137,8 +136,6 @@ class Daemon:
         self.reloader: Callable[[], Config] | None = None
         """Re-reads the configuration on SIGHUP (set by the CLI)."""
         self.reload_requested = threading.Event()
-        self.frozen = threading.Event()
-        """Test hook (fault injection): while set the loop reads no audio."""
         self.processing_s = 0.0
         self.restart_required = False
         """Set when the source can only recover in a new process (see MicSource)."""
@@ -156,8 +153,7 @@ class Daemon:
         next_poll = time.monotonic() + POLL_INTERVAL_S
         try:
             while not stop.is_set():
-                n = 0 if self.frozen.is_set() else ring.readinto(self._raw,
-                                                                  multiple_of=source.channels)
+                n = ring.readinto(self._raw, multiple_of=source.channels)
                 if n:
                     if self.sink.wall_anchor is None:
                         self.sink.anchor(0, now=time.time(), caught_up=False)
@@ -185,9 +181,7 @@ class Daemon:
                     self.sink.poll(now)
                     self.publish_status(self._state())
                     next_status = now + status_every
-                if self.frozen.is_set():
-                    time.sleep(IDLE_WAIT_S)
-                elif not source.exhausted:  # sleep until the next result's audio has landed
+                if not source.exhausted:  # sleep until the next result's audio has landed
                     ring.wait_for(processor.frames_until_output() * source.channels,
                                   timeout=min(next_poll, next_status) - now)
         finally:
