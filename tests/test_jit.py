@@ -122,8 +122,9 @@ def test_daemon_chain_with_ahead_of_time_kernels_never_imports_numba(
         from monitor.pipeline.processor import Processor
         from monitor.pipeline.results import NullSink
         config = load_config(None, overrides={{"model.path": {str(tiny_model)!r}}})
-        processor = Processor(config, Detector(config.model.path), in_rate=48000, channels=2,
-                              max_block=4096, sink=NullSink())
+        processor = Processor.from_config(
+            config, Detector(config.model.path), in_rate=48000, channels=2, max_block=4096,
+            sink=NullSink())
         processor.warm_up()
         processor.process(np.zeros(2 * 48000, np.float32))
         print(processor.frames, sorted(m for m in ("numba", "llvmlite") if m in sys.modules))

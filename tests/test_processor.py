@@ -104,8 +104,8 @@ def test_results_do_not_depend_on_block_size(shared_data: Path, tiny_model: Path
     outcomes = []
     for sizes in ([2 * 4096], [2 * 7, 2 * 1000, 2 * 13], [2 * 480]):
         recorder = Recorder()
-        processor = Processor(config, Detector(tiny_model), in_rate=48000, channels=2,
-                              max_block=4096, sink=recorder)
+        processor = Processor.from_config(
+            config, Detector(tiny_model), in_rate=48000, channels=2, max_block=4096, sink=recorder)
         run(processor, stereo, sizes)
         outcomes.append(recorder)
     first = outcomes[0]
@@ -139,8 +139,9 @@ def test_no_result_comes_before_the_predicted_frame(shared_data: Path, tiny_mode
     config_file.write_text(f"state_dir: {tmp_path}\nmodel:\n  stride_ms: 50\n"
                            "machines:\n  fan: {min_level_dbfs: -120}\n")
     recorder = Recorder()
-    processor = Processor(load_config(config_file), Detector(tiny_model), in_rate=48000,
-                          channels=2, max_block=4096, sink=recorder)
+    processor = Processor.from_config(
+        load_config(config_file), Detector(tiny_model), in_rate=48000, channels=2, max_block=4096,
+        sink=recorder)
     seconds = 4
     stereo = np.repeat(resample_poly(machine[:16000 * seconds], 3, 1).astype(np.float32), 2)
     done = hits = misses = 0
@@ -170,8 +171,8 @@ def test_hot_path_retains_no_memory(tiny_model: Path) -> None:
     from monitor.pipeline.results import NullSink
 
     config = load_config(None, overrides={"model.stride_ms": 100})
-    processor = Processor(config, Detector(tiny_model), in_rate=48000, channels=2,
-                          max_block=4096, sink=NullSink())
+    processor = Processor.from_config(
+        config, Detector(tiny_model), in_rate=48000, channels=2, max_block=4096, sink=NullSink())
     rng = np.random.default_rng(0)
     block = (0.1 * rng.standard_normal(2 * 480)).astype(np.float32)
     for _ in range(3000):  # onnxruntime's Python binding fills its caches over ~1000 runs
@@ -206,8 +207,8 @@ def test_training_replays_windows_as_the_live_chain_scores_them(stride_ms: float
     assert (stream.window, stream.stride, stream.sample_rate) == \
         (timing.detector_window, timing.stride, timing.sample_rate)
     recorder = Recorder()
-    processor = Processor(config, detector, in_rate=timing.sample_rate, channels=1,
-                          max_block=4096, sink=recorder)
+    processor = Processor.from_config(
+        config, detector, in_rate=timing.sample_rate, channels=1, max_block=4096, sink=recorder)
     processor.process(np.zeros(3 * timing.sample_rate, np.float32))
     ends = np.array([end for end, _ in recorder.scores])
     assert len(ends) > 3 and set(np.diff(ends)) == {stream.stride}

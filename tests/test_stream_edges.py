@@ -27,8 +27,9 @@ PAD = 2 * RATE  # 2 s: a whole number of hops and of strides (50 ms)
 def processor(model: Path, sink: object, *, in_rate: int = RATE,
               stride_ms: float = 50.0) -> Processor:
     config = load_config(None, overrides={"model.stride_ms": stride_ms})
-    return Processor(config, Detector(model), in_rate=in_rate, channels=1, max_block=4096,
-                     sink=sink)  # type: ignore[arg-type]
+    return Processor.from_config(
+        config, Detector(model), in_rate=in_rate, channels=1, max_block=4096,
+        sink=sink)  # type: ignore[arg-type]
 
 
 def run(model: Path, audio: np.ndarray, *, block: int = 4096) -> tuple[Recorder, Processor]:

@@ -83,8 +83,9 @@ def analyze(path: Path, *, config: Config, detector: Detector) -> FileAnalysis:
     error = None
     warnings = []
     with audio:
-        processor = Processor(config, detector, in_rate=audio.sample_rate,
-                              channels=audio.channels, max_block=BLOCK_FRAMES, sink=sink)
+        processor = Processor.from_config(
+            config, detector, in_rate=audio.sample_rate, channels=audio.channels,
+            max_block=BLOCK_FRAMES, sink=sink)
         block = np.zeros((BLOCK_FRAMES, audio.channels), dtype=np.float32)
         try:
             while n := audio.read_into(block):

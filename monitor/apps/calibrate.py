@@ -131,8 +131,9 @@ def listen(config: Config, detector: Detector, source: Source, *, seconds: float
                              stride=timing.stride,
                              capacity=per_hour if seconds is None
                              else round(seconds / 3600 * per_hour) + 64)
-    processor = Processor(config, detector, in_rate=source.sample_rate,
-                          channels=source.channels, max_block=READ_BLOCK_FRAMES, sink=recorder)
+    processor = Processor.from_config(
+        config, detector, in_rate=source.sample_rate, channels=source.channels,
+        max_block=READ_BLOCK_FRAMES, sink=recorder)
     processor.warm_up()
     limit = None if seconds is None else round(seconds * timing.sample_rate)
     channels, ring = source.channels, source.ring

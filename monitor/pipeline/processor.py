@@ -18,6 +18,7 @@ Results leave through a `Sink`, so this module does no I/O.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -31,7 +32,7 @@ from monitor.dsp.levels import LevelMeter
 from monitor.dsp.resample import StreamingResampler, downmix_into
 from monitor.pipeline.results import NullSink, Sink
 from monitor.pipeline.rules import resolve_rules
-from monitor.pipeline.timing import derive_timing
+from monitor.pipeline.timing import Timing, derive_timing
 
 INFERENCE_HISTORY = 512
 
@@ -39,19 +40,21 @@ INFERENCE_HISTORY = 512
 class Processor:
     """Turns blocks of interleaved device audio into scores, levels and event transitions."""
 
-    def __init__(self, config: Config, detector: Detector, *, in_rate: int, channels: int,
+    def __init__(self, detector: Detector, *, timing: Timing, rules: dict[str, ClassRule],
+                 machines: Sequence[MachineScorer] = (), in_rate: int, channels: int,
                  max_block: int, sink: Sink) -> None:
+        """`timing` and `rules` as `derive_timing` and `resolve_rules` make them; `machines`:
+        the scorers run beside the detector; `in_rate`, `channels`: the source's audio;
+        `max_block`: the most samples one `process` call gets."""
         self.detector = detector
-        self.timing = timing = derive_timing(config, detector)
-        self.set_rules(resolve_rules(config, detector, timing))
+        self.timing = timing
+        self.set_rules(rules)
         self.channels = channels
         self.sink = sink
         self.frontend = Frontend(detector.card.frontend, max_block=max_block)
         self.resampler = StreamingResampler(in_rate, timing.sample_rate, max_block=max_block)
         self.meter = LevelMeter()
-        self.machines = [MachineScorer.load(config.state_dir, name,
-                                            frontend=detector.card.frontend, config=settings)
-                         for name, settings in config.machines.items()]
+        self.machines = list(machines)
         self._mono = np.zeros(max_block, dtype=np.float32)
         self._resampled = np.zeros(self.resampler.max_output(max_block), dtype=np.float32)
         self._frames = np.zeros((self.frontend.max_frames(max(self._resampled.shape[0],
@@ -76,6 +79,18 @@ class Processor:
         self._level_filled = 0
         self._inference_ms = np.zeros(INFERENCE_HISTORY, dtype=np.float64)
         self._inference_count = 0
+
+    @classmethod
+    def from_config(cls, config: Config, detector: Detector, *, in_rate: int, channels: int,
+                    max_block: int, sink: Sink) -> Processor:
+        """The chain `config` describes: its timing, event rules and machine scorers."""
+        timing = derive_timing(config, detector)
+        machines = [MachineScorer.load(config.state_dir, name, frontend=detector.card.frontend,
+                                       config=settings)
+                    for name, settings in config.machines.items()]
+        return cls(detector, timing=timing, rules=resolve_rules(config, detector, timing),
+                   machines=machines, in_rate=in_rate, channels=channels, max_block=max_block,
+                   sink=sink)
 
     def process(self, interleaved: np.ndarray) -> None:
         """Consume a block of interleaved samples (length a multiple of `channels`)."""

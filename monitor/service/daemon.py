@@ -121,9 +121,9 @@ class Daemon:
                              top_k=min(config.model.top_k, len(card.classes)),
                              classes=card.classes, mel_bands=config.publish.level_mel_bands,
                              n_mels=card.frontend.n_mels)
-        self.processor = Processor(config, detector, in_rate=source.sample_rate,
-                                   channels=source.channels, max_block=READ_BLOCK_FRAMES,
-                                   sink=self.sink)
+        self.processor = Processor.from_config(
+            config, detector, in_rate=source.sample_rate, channels=source.channels,
+            max_block=READ_BLOCK_FRAMES, sink=self.sink)
         self.sink.thresholds = {name: rule.threshold
                                 for name, rule in self.processor.rules.items()}
         self._announce()
