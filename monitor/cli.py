@@ -332,7 +332,8 @@ def _stop_on_signal(log_level: str | None = None) -> threading.Event:
 
 
 def _cmd_alert(args: argparse.Namespace) -> int:
-    from monitor.apps.alert import AlertDaemon, load_alert_config
+    from monitor.apps.alert.config import load_alert_config
+    from monitor.apps.alert.daemon import AlertDaemon
 
     config = load_alert_config(args.config)
     stop = _stop_on_signal(args.log_level)
@@ -341,7 +342,8 @@ def _cmd_alert(args: argparse.Namespace) -> int:
 
 
 def _cmd_ack(args: argparse.Namespace) -> int:
-    from monitor.apps.alert import load_alert_config, send_ack
+    from monitor.apps.alert.ack import send_ack
+    from monitor.apps.alert.config import load_alert_config
 
     endpoint = args.endpoint or load_alert_config(args.config).ack_endpoint
     if endpoint is None:

@@ -17,8 +17,9 @@ import pytest
 import zmq
 from test_alert import ENV, SIM, Webhook, alert_config, alert_daemon, outbox_states, stop
 
-from monitor.apps.alert import AlertDaemon, load_alert_config
-from monitor.apps.outbox import Outbox
+from monitor.apps.alert.config import load_alert_config
+from monitor.apps.alert.daemon import AlertDaemon
+from monitor.apps.alert.outbox import Outbox
 from monitor.errors import ConfigError
 from monitor.outputs.publisher import Publisher
 from monitor.protocol.keys import CurveServer, apply_client, write_keypair
@@ -216,7 +217,7 @@ def _event(*, seq: int) -> Event:
 
 
 def test_ack_cancels_escalation_and_unacked_escalates(tmp_path: Path) -> None:
-    from monitor.apps.alert import send_ack
+    from monitor.apps.alert.ack import send_ack
 
     context = zmq.Context()
     pub, endpoint = raw_publisher(context, tmp_path)

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_messages import samples
 
-from monitor.apps.alert import load_alert_config, parse_ack
+from monitor.apps.alert.ack import parse_ack
+from monitor.apps.alert.config import load_alert_config
 from monitor.apps.proxy import load_proxy_config
 from monitor.config import load_config
 from monitor.errors import ConfigError, MessageError

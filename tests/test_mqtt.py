@@ -325,7 +325,8 @@ def test_status_is_decodable_and_counts_mqtt(broker: Broker, tmp_path: Path,
 
 def test_alert_daemon_acts_on_mqtt_events_once(broker: Broker, tmp_path: Path,
                                                tiny_model: Path) -> None:
-    from monitor.apps.alert import AlertDaemon, load_alert_config
+    from monitor.apps.alert.config import load_alert_config
+    from monitor.apps.alert.daemon import AlertDaemon
 
     path = tmp_path / "alert.yaml"
     path.write_text(json.dumps({

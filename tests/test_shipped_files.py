@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from monitor.apps.alert import load_alert_config
+from monitor.apps.alert.config import load_alert_config
 from monitor.apps.proxy import load_proxy_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,5 +53,5 @@ def test_readme_module_table_matches_the_tree() -> None:
     files = sorted(name for name in named if name.endswith(".py"))
     assert files == tree
     folders = {name.rstrip("/") for name in named if name.endswith("/")}
-    assert folders == {path.name for path in package.iterdir()
-                       if (path / "__init__.py").is_file()}
+    assert folders == {str(path.parent.relative_to(package))
+                       for path in package.rglob("__init__.py") if path.parent != package}

@@ -16,7 +16,7 @@ import pytest
 from test_alert import ENV, alert_config
 from test_daemon_e2e import daemon, recording, subscriber  # noqa: F401 (fixture)
 
-from monitor.apps.alert import load_alert_config
+from monitor.apps.alert.config import load_alert_config
 from monitor.apps.proxy import load_proxy_config
 from monitor.errors import ConfigError
 from monitor.protocol.messages import Status, decode

@@ -15,7 +15,7 @@ import pytest
 import zmq
 from test_alert import ENV, Webhook, alert_config, alert_daemon, sensor, stop
 
-from monitor.apps.outbox import Outbox
+from monitor.apps.alert.outbox import Outbox
 from monitor.outputs.journal import Journal
 from monitor.outputs.publisher import Publisher
 from monitor.protocol.messages import Event, decode

@@ -1,0 +1,54 @@
+"""Acknowledging an event (`audio-monitor ack`): the request, its parser and the client."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import msgspec
+import zmq
+from msgspec import Meta
+
+from monitor.errors import ConfigError, MessageError
+from monitor.protocol.schema import Name, Strict, describe
+
+
+class AckRequest(Strict, frozen=True):
+    """What `audio-monitor ack` sends: the event to acknowledge and who did."""
+
+    event_id: Name
+    by: Annotated[str, Meta(max_length=200)] = ""
+
+
+_ACK = msgspec.json.Decoder(AckRequest)
+MAX_ACK_BYTES = 4096
+
+
+def parse_ack(payload: bytes) -> AckRequest:
+    """An ack request's body -> AckRequest; MessageError (one line, key path) if malformed."""
+    if len(payload) > MAX_ACK_BYTES:
+        raise MessageError(f"ack request of {len(payload)} bytes is over the {MAX_ACK_BYTES}-"
+                           "byte limit", reason="too_large")
+    try:
+        return _ACK.decode(payload)
+    except msgspec.ValidationError as err:
+        raise MessageError(f"ack request: {describe(err)}") from err
+    except msgspec.DecodeError as err:
+        raise MessageError(f"ack request is not JSON: {err}", reason="not_json") from err
+
+
+def send_ack(endpoint: str, event_id: str, *, by: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Client of the ack endpoint (`audio-monitor ack`)."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    socket = context.socket(zmq.REQ)
+    socket.setsockopt(zmq.LINGER, 0)
+    try:
+        socket.connect(endpoint)
+        socket.send(msgspec.json.encode(AckRequest(event_id=event_id, by=by)))
+        if not socket.poll(int(timeout_s * 1000)):
+            raise ConfigError(f"ack: no answer from {endpoint} within {timeout_s} s; is "
+                              "`audio-monitor alert` running with ack_endpoint set?")
+        reply: dict[str, Any] = json.loads(socket.recv())
+        return reply
+    finally:
+        socket.close()
