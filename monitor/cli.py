@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from monitor.config import MODELS_DIR, Config, data_dir
+from monitor.config import MODELS_DIR, Config, data_dir, load_config
 from monitor.errors import MonitorError
 
 EXIT_USER_ERROR = 2
@@ -185,8 +185,6 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
-    from monitor.config import load_config
-
     path = args.config
     if path is None and Path("config.yaml").is_file():
         path = Path("config.yaml")
