@@ -219,3 +219,18 @@ def test_late_subscriber_catches_up_and_bad_config_is_one_line(tmp_path: Path) -
     assert result.stderr.strip() == ("audio-monitor: error: $.rules[0].actions[0].type: "
                                      "'email': invalid enum value 'email'; choose one of "
                                      "command, log, publish, webhook")
+
+
+def test_shipped_alert_rules_name_classes_the_shipped_models_raise() -> None:
+    """A rule whose class no model raises never fires, silently (`Cough` is YAMNet's raw
+    AudioSet name, not the event model's `cough`)."""
+    import json
+
+    from monitor.apps.alert import OFFLINE_LABEL, load_alert_config
+    from monitor.detect.anomaly import FAULT_LABEL
+
+    config = load_alert_config(REPO / "alert.yaml")
+    known = set(json.loads((REPO / "models" / "events.json").read_text())["classes"])
+    known = (known - {"other"}) | {FAULT_LABEL, OFFLINE_LABEL}  # other never raises an event
+    for rule in config.rules:
+        assert set(rule.classes) <= known, (rule.name, rule.classes, sorted(known))
