@@ -226,7 +226,7 @@ def test_shipped_alert_rules_name_classes_the_shipped_models_raise() -> None:
     AudioSet name, not the event model's `cough`)."""
     import json
 
-    from monitor.apps.alert import OFFLINE_LABEL, load_alert_config
+    from monitor.apps.alert.config import OFFLINE_LABEL, load_alert_config
     from monitor.detect.anomaly import FAULT_LABEL
 
     config = load_alert_config(REPO / "alert.yaml")
