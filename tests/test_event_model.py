@@ -406,3 +406,12 @@ def test_recall_in_background_follows_the_mixing_level(shared_data: Path,
         sum("fall" in f for f in alone) / len(falls), abs=1e-4)
     assert got["alarm"]["60 dB"]["fall"] >= 0.5
     assert got["alarm"]["-40 dB"]["fall"] == 0.0
+
+
+@need_yamnet
+def test_compose_names_the_missing_head_and_card(tmp_path: Path) -> None:
+    """A models folder with YAMNet but not the shipped head and card (fetch-models
+    --models-dir on a new folder) gets one error naming both and the cure."""
+    shutil.copy(MODELS / "yamnet.onnx", tmp_path / "yamnet.onnx")
+    with pytest.raises(ModelError, match=r"lacks events.json and event-head.npz.*models/"):
+        compose_events_model(tmp_path)

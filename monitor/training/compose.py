@@ -247,6 +247,11 @@ def compose_events_model(models_dir: Path, *, check: bool = True) -> Path:
     expected = None
     if check:
         card_path = models_dir / CARD_FILE
+        missing = [name for name in (CARD_FILE, HEAD_FILE) if not (models_dir / name).is_file()]
+        if missing:
+            raise ModelError(f"{models_dir} lacks {' and '.join(missing)}: events.onnx is "
+                             "composed from the shipped head and card; copy them from the "
+                             "repository's models/ (or train one: `audio-monitor train`)")
         try:
             expected = json.loads(card_path.read_text(encoding="utf-8"))["sha256"]
         except (OSError, ValueError, KeyError, TypeError) as err:
