@@ -309,13 +309,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
                            "with `.venv/bin/pip install -r requirements-train.txt`")
     from monitor.training.train import train_command
 
+    _log_progress()
     return train_command(args.data, args.models_dir, seed=args.seed)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from monitor.training.evaluate import evaluate_command
 
+    _log_progress()
     return evaluate_command(args.data, args.models_dir, args.report)
+
+
+def _log_progress() -> None:
+    """Progress of a long offline job (train, evaluate: minutes) on stderr, at INFO."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s")
 
 
 def _stop_on_signal(log_level: str | None = None) -> threading.Event:

@@ -93,6 +93,7 @@ def evaluate(data_dir: Path, models_dir: Path, *, cache_dir: Path | None = None)
     scores = clip_max(head_probs(head_arrays(models_dir / HEAD_FILE), windows.emb,
                                  windows.audioset), windows.clip, len(test))
 
+    logger.info("judging %d held-out clips through the live chain", len(test))
     t0 = time.perf_counter()
     confusion = np.zeros((len(CLASSES), len(CLASSES) + 1), np.int64)
     found: list[set[str]] = []
@@ -121,6 +122,7 @@ def evaluate(data_dir: Path, models_dir: Path, *, cache_dir: Path | None = None)
         t_clips = time.perf_counter() - t0
 
         streams = heldout_streams(test)
+        logger.info("false alarms on held-out streams: %s", ", ".join(streams))
         fa = {name: stream_false_alarms(detector, config, audio, tmp, label=name)
               for name, audio in streams.items()}
         everyday = streams["everyday"]
@@ -128,6 +130,8 @@ def evaluate(data_dir: Path, models_dir: Path, *, cache_dir: Path | None = None)
         fa["total"] = total_false_alarms(fa)
 
         positives = [c for c in test if c.cls != "other"]
+        logger.info("recall with a background: %d events x %d backgrounds x 2 levels",
+                    len(positives), len(BACKGROUNDS))
         background = recall_in_background(
             detector, config, positives, {name: streams[name] for name in BACKGROUNDS}, tmp)
 
