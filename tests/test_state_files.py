@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -197,3 +198,150 @@ def test_outbox_of_an_older_version_gains_the_epoch_column(tmp_path: Path) -> No
         assert outbox.epoch("s1") == "abc"
     finally:
         outbox.close()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_journal_that_cannot_be_created_is_retried_with_backoff(tmp_path: Path) -> None:
+    """A journal that could not be opened at start used to exit 2; now the publisher runs
+    without it, numbers above any journal-backed run, and takes it back once it opens."""
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where state_dir's parent should be a folder")
+    path = blocker / "state" / "journal.db"
+    clock = FakeClock()
+    journal = Journal(path, max_age_days=1, max_mb=1, clock=clock)
+    context = zmq.Context()
+    publisher = Publisher(f"ipc://{tmp_path}/p.sock", sensor_id="s", journal=journal,
+                          context=context, send_hwm=1000)
+    fields = {"label": "Cough", "phase": "start", "onset_s": 0.0, "offset_s": None,
+              "onset_time": 1.0, "offset_time": None, "peak_score": 0.9, "threshold": 0.5}
+    try:
+        assert journal.generation == 0 and journal.epoch is None
+        error = journal.last_error or ""
+        assert error.startswith(f"journal {path}: cannot open it (")
+        assert f"make {path.parent} writable by the daemon's user" in error
+        assert "events are published but not kept for catch-up" in error
+        before = publisher.publish(Event, event_id="e0", **fields)
+        assert before.seq > 10**12  # the wall clock in ms: above any journal-backed run
+        assert journal.written == 0 and journal.errors >= 2
+        blocker.unlink()
+        clock.now = 0.9  # before the first retry (1 s)
+        publisher.publish(Event, event_id="e1", **fields)
+        assert journal.generation == 0 and journal.last_error is not None
+        clock.now = 1.0
+        after = publisher.publish(Event, event_id="e2", **fields)
+        assert journal.generation == 1 and journal.last_error is None
+        assert journal.epoch is not None and journal.written == 1
+        assert after.seq == before.seq + 2
+        assert journal.start_seq("s") > after.seq  # reserved anew: a restart goes above
+    finally:
+        publisher.close()
+        journal.close()
+        context.term()
+    again = Journal(path, max_age_days=1, max_mb=1)
+    try:
+        assert [decode(list(pair)).event_id for pair in  # type: ignore[union-attr]
+                again.open_events("s")] == ["e2"]
+    finally:
+        again.close()
+
+
+def test_journal_backoff_doubles_up_to_a_minute(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocked"
+    blocker.write_text("")
+    clock = FakeClock()
+    journal = Journal(blocker / "journal.db", max_age_days=1, max_mb=1, clock=clock)
+    attempts = []
+    for second in range(400):
+        clock.now = float(second)
+        errors = journal.errors
+        journal.ready()
+        if journal.errors > errors:
+            attempts.append(second)
+    assert attempts == [1, 3, 7, 15, 31, 63, 123, 183, 243, 303, 363]
+
+
+def test_sensor_starts_degraded_without_its_journal_and_takes_it_back(
+        tmp_path: Path, tiny_model: Path) -> None:
+    """Over a real `run`: state_dir cannot be created (a file is in the way), so the daemon
+    starts `degraded` and publishes events live, its catch-up endpoint says why it has
+    nothing; once the way is clear it opens the journal, goes back to `running`, and the
+    next event is journaled and served by catch-up. It used to exit 2 at start."""
+    import numpy as np
+
+    from monitor.errors import MessageError
+    from monitor.outputs.catchup import CatchupClient
+    from monitor.protocol.messages import Status
+
+    rate = 16000
+    blocker = tmp_path / "blocked"
+    blocker.write_text("")
+    state = blocker / "state"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"sensor_id: s1\nstate_dir: {state}\nmodel:\n  path: {tiny_model}\n  stride_ms: 50\n"
+        f"publish:\n  endpoint: ipc://{tmp_path}/p.sock\n  catchup_endpoint: "
+        f"ipc://{tmp_path}/c.sock\n  status_interval_s: 0.2\n")
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"ipc://{tmp_path}/p.sock")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "monitor", "run", "--config", str(config), "--source", "stdin",
+         "--rate", str(rate)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, env=ENV)
+    assert process.stdin is not None
+    rng = np.random.default_rng(0)
+    quiet = np.zeros(rate // 10, dtype="<i2").tobytes()
+    loud = (0.3 * 32767 * rng.standard_normal(rate)).clip(-32767, 32767).astype("<i2")
+
+    def until(wanted: Any, timeout_s: float = 30.0) -> Any:
+        """Feed silence in real time until a message satisfies `wanted`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            process.stdin.write(quiet)  # type: ignore[union-attr]
+            process.stdin.flush()  # type: ignore[union-attr]
+            while sub.poll(100):
+                message = decode(sub.recv_multipart())
+                if wanted(message):
+                    return message
+        raise AssertionError(f"timed out; daemon rc={process.poll()}")
+
+    client = CatchupClient(f"ipc://{tmp_path}/c.sock", context=context, timeout_s=10)
+    try:
+        degraded = until(lambda m: isinstance(m, Status) and m.state == "degraded")
+        assert (degraded.last_error or "").startswith(
+            f"journal {state / 'journal.db'}: cannot open it (")
+        assert "or set another state_dir" in degraded.last_error
+        process.stdin.write(loud.tobytes())
+        first = until(lambda m: isinstance(m, Event) and m.phase == "end")
+        with pytest.raises(MessageError, match="journal not available"):
+            client.fetch("s1", 0)
+        blocker.unlink()
+        running = until(lambda m: isinstance(m, Status) and m.state == "running")
+        assert running.last_error is None and running.counters["journal_errors"] >= 1
+        process.stdin.write(loud.tobytes())
+        second = until(lambda m: isinstance(m, Event) and m.phase == "end")
+        page = client.fetch("s1", 0)
+        assert page is not None
+        served = [decode(pair) for pair in page[1]]
+        assert [(m.event_id, m.phase) for m in served if isinstance(m, Event)] == [
+            (second.event_id, "start"), (second.event_id, "end")]
+        assert first.event_id != second.event_id and second.seq > first.seq
+        process.stdin.close()
+        assert process.wait(30) == 0
+        assert (state / "journal.db").is_file()
+    finally:
+        client.close()
+        sub.close()
+        if process.poll() is None:
+            process.kill()
+        stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+        context.term()
+    assert "Traceback" not in stderr, stderr[-2000:]

@@ -146,28 +146,33 @@ class CatchupServer:
                 self.curve.apply(socket)
             socket.bind(self.endpoint)
             self.bound_endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
-            reader = JournalReader(self.journal_path)
-        except (zmq.ZMQError, ConfigError) as err:
-            text = err.strerror if isinstance(err, zmq.ZMQError) else str(err)
+        except zmq.ZMQError as err:
             self._error = ConfigError(f"publish.catchup_endpoint: cannot bind "
-                                      f"{self.endpoint!r}: {text}")
+                                      f"{self.endpoint!r}: {err.strerror}")
             socket.close()
             self._ready.set()
             return
         self._ready.set()
+        reader: JournalReader | None = None  # opened at the first request it can be
         try:
             while not self._stop.is_set():
                 if not socket.poll(POLL_MS):
                     continue
                 envelope, payload = split_envelope(socket.recv_multipart())
                 try:
+                    if reader is None:
+                        reader = JournalReader(self.journal_path)
                     reply = self.answer(reader, payload)
+                except ConfigError as err:  # no journal yet (the sensor runs degraded)
+                    self.refusals.count("journal", str(err))
+                    reply = error_reply(f"journal not available: {err}")
                 except sqlite3.Error as err:  # the journal is unreadable: say so, go on
                     self.refusals.count("journal", f"{self.journal_path}: {err}")
                     reply = error_reply(f"journal unreadable: {err}")
                 socket.send_multipart(envelope + reply)
         finally:
-            reader.close()
+            if reader is not None:
+                reader.close()
             socket.close()
 
     def answer(self, reader: JournalReader, payload: list[bytes]) -> list[bytes]:

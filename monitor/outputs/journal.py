@@ -19,7 +19,11 @@ its own read connection (`JournalReader`).
 
 Failures never end the daemon. A journal that cannot be written (read-only, disk full)
 is counted (`journal_errors`) and named in `last_error` (status `degraded`); events are
-still published, and writing resumes by itself once the cause is gone. A damaged file is
+still published, and writing resumes by itself once the cause is gone. A journal that
+cannot be opened or created at start (permissions, a full disk, a read-only directory) is
+the same: the daemon starts `degraded` without it and opens it once it can, retrying with
+backoff (1 s doubling to 60 s); meanwhile `seq` starts at the wall clock in milliseconds,
+above the numbers any journal-backed run of this sensor used. A damaged file is
 moved aside (`journal.db.damaged-TIME`) with one warning and a fresh journal started; it
 gets a new `epoch` (a random id kept in the file, sent in every catch-up reply), so a
 subscriber whose cursor belongs to the old journal starts over instead of waiting for
@@ -32,6 +36,7 @@ import logging
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from monitor.errors import ConfigError
@@ -42,6 +47,9 @@ SEQ_BLOCK = 100_000
 """Sequence numbers reserved per journal write: at ~25 messages/s, one write an hour."""
 PRUNE_EVERY = 256
 """Appends between two age/size checks."""
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 60.0
+"""Backoff between attempts to open a journal that could not be opened: doubling, capped."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -137,24 +145,69 @@ def read_epoch(conn: sqlite3.Connection) -> str | None:
 
 
 class Journal:
-    """Writer side of the journal; one instance per process, used from one thread."""
+    """Writer side of the journal; one instance per process, used from one thread.
 
-    def __init__(self, path: Path, *, max_age_days: float, max_mb: float) -> None:
+    A journal that cannot be opened is not an error here: `last_error` says why and what
+    to do, writes are counted as `errors`, and `ready()` opens it once it can (backoff).
+    `clock` (monotonic seconds) times the retries.
+    """
+
+    def __init__(self, path: Path, *, max_age_days: float, max_mb: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         self.max_age_s = max_age_days * 86400.0
         self.max_bytes = int(max_mb * 1024 * 1024)
-        self._conn = _connect(path)
-        self.epoch = read_epoch(self._conn)
+        self._clock = clock
+        self._conn: sqlite3.Connection | None = None
+        self.epoch: str | None = None
         """Random id of this journal file; a new file (reset, moved aside) has a new one."""
+        self.generation = 0
+        """+1 each time the file is opened: a user that read `start_seq` reads it again."""
         self._appends = 0
         self.written = 0
         self.errors = 0
         self.last_error: str | None = None
-        """Why the latest write failed, and what to do; None once a write succeeds again."""
+        """Why the latest open or write failed, and what to do; None once one succeeds."""
+        self._retry_s = RETRY_FIRST_S
+        self._retry_at = 0.0
+        self._open()
+
+    def _open(self) -> bool:
+        try:
+            conn = _connect(self.path)
+        except ConfigError as err:
+            self.errors += 1
+            first = self.last_error is None
+            self.last_error = (f"journal {self.path}: cannot open it ({err.__cause__}); events "
+                               "are published but not kept for catch-up until it opens: make "
+                               f"{self.path.parent} writable by the daemon's user and free disk "
+                               f"space there, or set another state_dir (retrying, every "
+                               f"{RETRY_MAX_S:.0f} s at most)")
+            self._retry_at = self._clock() + self._retry_s
+            self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+            if first:
+                logger.error("%s", self.last_error)
+            return False
+        self._conn, self.epoch = conn, read_epoch(conn)
+        self.generation += 1
+        self._retry_s = RETRY_FIRST_S
+        if self.last_error is not None:
+            logger.warning("journal %s is open again", self.path)
+            self.last_error = None
         self.prune()
+        return True
+
+    def ready(self) -> bool:
+        """True when the file is open; if it is not, tries again once the backoff is over."""
+        if self._conn is not None:
+            return True
+        return self._clock() >= self._retry_at and self._open()
 
     def start_seq(self, sensor_id: str) -> int:
-        """Last `seq` this sensor may have used: the publisher continues after it."""
+        """Last `seq` this sensor may have used: the publisher continues after it. Without
+        an open journal: the wall clock in milliseconds (above any journal-backed run's)."""
+        if self._conn is None:
+            return int(time.time() * 1000)
         row = self._conn.execute(
             "SELECT max(coalesce((SELECT high FROM seq_reserved WHERE sensor_id = ?), 0), "
             "coalesce((SELECT max(seq) FROM events WHERE sensor_id = ?), 0))",
@@ -166,6 +219,10 @@ class Journal:
 
         If the disk refuses, the failure is counted and reported (`last_error`) and `high`
         is returned anyway: this process goes on numbering, a restart may reuse numbers."""
+        if not self.ready():
+            self.errors += 1
+            return high
+        assert self._conn is not None
         try:
             self._conn.execute(
                 "INSERT INTO seq_reserved (sensor_id, high) VALUES (?, ?) ON CONFLICT(sensor_id) "
@@ -188,7 +245,11 @@ class Journal:
         """Write one event durably (fsync) before it is sent; False if the disk refused
         (counted and logged: the event is still published). `opens`/`closes`: the event
         id this message starts or ends, kept in the open set in the same transaction."""
+        if not self.ready():
+            self.errors += 1
+            return False
         conn = self._conn
+        assert conn is not None
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -220,6 +281,8 @@ class Journal:
     def open_events(self, sensor_id: str) -> list[tuple[bytes, bytes]]:
         """[topic, json] of this sensor's events that started and have not ended, oldest
         first (after a crash: the events it left open)."""
+        if self._conn is None:
+            return []
         try:
             rows = self._conn.execute("SELECT topic, body FROM open_events WHERE sensor_id = ? "
                                       "ORDER BY seq", (sensor_id,)).fetchall()
@@ -231,6 +294,8 @@ class Journal:
     def prune(self, *, now: float | None = None) -> int:
         """Drop events older than `max_age_days`, then the oldest until under `max_mb`."""
         now = time.time() if now is None else now
+        if self._conn is None:
+            return 0
         try:
             removed = self._conn.execute("DELETE FROM events WHERE ts < ?",
                                          (now - self.max_age_s,)).rowcount
@@ -249,18 +314,21 @@ class Journal:
         return removed
 
     def _delete_oldest(self, n: int) -> int:
+        assert self._conn is not None
         rows = self._conn.execute("SELECT sensor_id, seq FROM events ORDER BY ts LIMIT ?",
                                   (n,)).fetchall()
         self._conn.executemany("DELETE FROM events WHERE sensor_id = ? AND seq = ?", rows)
         return len(rows)
 
     def _size_bytes(self) -> int:
+        assert self._conn is not None
         pages = self._conn.execute("PRAGMA page_count").fetchone()[0]
         size = self._conn.execute("PRAGMA page_size").fetchone()[0]
         return int(pages) * int(size)
 
     def close(self) -> None:
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
 
 
 class JournalReader:

@@ -62,6 +62,7 @@ class Publisher:
         """The durable event journal, when configured (its counters go into `status`)."""
         self._seq = 0 if journal is None else journal.start_seq(sensor_id)
         self._reserved = self._seq
+        self._generation = 0 if journal is None else journal.generation
         self.sent = 0
         self.dropped = 0
         """Messages ZeroMQ refused (seq gaps at every subscriber)."""
@@ -87,8 +88,15 @@ class Publisher:
     def next_header(self) -> dict[str, Any]:
         """Common fields of the next message: sensor_id, seq, ts."""
         self._seq += 1
-        if self._journal is not None and self._seq > self._reserved:
-            self._reserved = self._journal.reserve(self.sensor_id, self._seq + SEQ_BLOCK)
+        journal = self._journal
+        if journal is not None:
+            if journal.ready() and journal.generation != self._generation:
+                # (Re)opened since we numbered: continue above what it holds, reserve anew.
+                self._generation = journal.generation
+                self._seq = max(self._seq, journal.start_seq(self.sensor_id) + 1)
+                self._reserved = self._seq - 1
+            if self._seq > self._reserved:
+                self._reserved = journal.reserve(self.sensor_id, self._seq + SEQ_BLOCK)
         return {"sensor_id": self.sensor_id, "seq": self._seq, "ts": time.time()}
 
     def send(self, message: Message) -> bool:
