@@ -19,7 +19,7 @@ from test_alert import ENV, Webhook, alert_config, alert_daemon, sensor, stop
 from monitor.apps.alert.outbox import Outbox
 from monitor.outputs.journal import Journal
 from monitor.outputs.publisher import Publisher
-from monitor.protocol.messages import Event, decode
+from monitor.protocol.messages import Event, decode, encode
 
 
 def limited(limit_bytes: int) -> None:
@@ -269,10 +269,11 @@ def test_journal_backoff_doubles_up_to_a_minute(tmp_path: Path) -> None:
 
 def test_sensor_starts_degraded_without_its_journal_and_takes_it_back(
         tmp_path: Path, tiny_model: Path) -> None:
-    """Over a real `run`: state_dir cannot be created (a file is in the way), so the daemon
+    """Over a real `run`: state_dir cannot be reached (a file is in the way), so the daemon
     starts `degraded` and publishes events live, its catch-up endpoint says why it has
-    nothing; once the way is clear it opens the journal, goes back to `running`, and the
-    next event is journaled and served by catch-up. It used to exit 2 at start."""
+    nothing; once the way is clear it opens the journal, ends the event a killed run left
+    open in it, goes back to `running`, and the next event is journaled and served by
+    catch-up. It used to exit 2 at start."""
     import numpy as np
 
     from monitor.errors import MessageError
@@ -283,6 +284,15 @@ def test_sensor_starts_degraded_without_its_journal_and_takes_it_back(
     blocker = tmp_path / "blocked"
     blocker.write_text("")
     state = blocker / "state"
+    kept = tmp_path / "kept"  # the journal of a killed run, out of the daemon's reach
+    killed = Journal(kept / "state" / "journal.db", max_age_days=1, max_mb=1)
+    left_open = Event(sensor_id="s1", seq=killed.reserve("s1", 5), ts=time.time(),
+                      event_id="old-run-loud-1", label="loud", phase="start", onset_s=1.0,
+                      offset_s=None, onset_time=time.time(), offset_time=None,
+                      peak_score=0.9, threshold=0.5)
+    assert killed.append("s1", left_open.seq, left_open.ts, encode(left_open),
+                         opens=left_open.event_id)
+    killed.close()
     config = tmp_path / "config.yaml"
     config.write_text(
         f"sensor_id: s1\nstate_dir: {state}\nmodel:\n  path: {tiny_model}\n  stride_ms: 50\n"
@@ -324,6 +334,9 @@ def test_sensor_starts_degraded_without_its_journal_and_takes_it_back(
         with pytest.raises(MessageError, match="journal not available"):
             client.fetch("s1", 0)
         blocker.unlink()
+        kept.rename(blocker)
+        closed = until(lambda m: isinstance(m, Event) and m.event_id == left_open.event_id)
+        assert closed.phase == "end" and closed.end_reason == "restart"
         running = until(lambda m: isinstance(m, Status) and m.state == "running")
         assert running.last_error is None and running.counters["journal_errors"] >= 1
         process.stdin.write(loud.tobytes())
@@ -332,6 +345,7 @@ def test_sensor_starts_degraded_without_its_journal_and_takes_it_back(
         assert page is not None
         served = [decode(pair) for pair in page[1]]
         assert [(m.event_id, m.phase) for m in served if isinstance(m, Event)] == [
+            (left_open.event_id, "start"), (left_open.event_id, "end"),
             (second.event_id, "start"), (second.event_id, "end")]
         assert first.event_id != second.event_id and second.seq > first.seq
         process.stdin.close()

@@ -131,6 +131,7 @@ class Daemon:
         self.processor.warm_up()
         self._started = time.monotonic()
         self._samples_at_status = -1
+        self._journal_generation = 0
         self.health = Health(Notifier.from_env(), stall_s=STALL_S,
                              capture_may_idle=source.live)
         self.reloader: Callable[[], Config] | None = None
@@ -146,6 +147,8 @@ class Daemon:
         live = source.live  # a file's audio time is its own clock
         status_every = self.config.publish.status_interval_s
         self.sink.close_left_open(self.publisher.open_events())  # before new audio is judged
+        journal = self.publisher.journal
+        self._journal_generation = 0 if journal is None else journal.generation
         self.source.start()
         self.publish_status("running")
         self.health.ready(self._describe())
@@ -179,6 +182,7 @@ class Daemon:
                     self.health.tick(now, self._progress(), self._describe)
                 if now >= next_status:
                     self.sink.poll(now)
+                    self._close_left_open_late()
                     self.publish_status(self._state())
                     next_status = now + status_every
                 if not source.exhausted:  # sleep until the next result's audio has landed
@@ -281,6 +285,18 @@ class Daemon:
         if self._journal_error() is not None:
             return "degraded"
         return "running" if flowing or self.source.exhausted else "degraded"
+
+    def _close_left_open_late(self) -> None:
+        """A journal that opened only after start (it could not be opened then) may hold
+        events a killed run left open: end them as a start would. This run's own events
+        (its `run_id`) are not among them."""
+        journal = self.publisher.journal
+        if journal is None or journal.generation == self._journal_generation:
+            return
+        self._journal_generation = journal.generation
+        mine = f"{self.sink.run_id}-"
+        self.sink.close_left_open([start for start in self.publisher.open_events()
+                                   if not start.event_id.startswith(mine)])
 
     def _journal_error(self) -> str | None:
         journal = self.publisher.journal
