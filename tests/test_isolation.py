@@ -4,12 +4,14 @@ never answers. Real alert daemon process, real sockets on loopback."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zmq
 from test_alert import Webhook, alert_daemon, sensor, stop
 
@@ -120,3 +122,122 @@ def test_a_mute_catch_up_endpoint_does_not_delay_live_alerts(tmp_path: Path) -> 
     # went unanswered: each one's alert came well inside the 2 s that one blocked request
     # used to cost everyone.
     assert max(hook.latency_s) < 1.5, sorted(hook.latency_s)[-5:]
+
+
+class Trickle:
+    """An HTTP receiver that, for its first `stuck` connections, reads the request and then
+    answers one byte every 0.2 s, forever: each read is well inside any socket timeout, so
+    only a deadline on the whole exchange ends it. Later connections get 200 at once."""
+
+    def __init__(self, *, stuck: int) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/hook"
+        self.stuck = stuck
+        self.connections = 0
+        self.answered: list[str] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._accepter = threading.Thread(target=self._accept, daemon=True)
+        self._accepter.start()
+
+    def _accept(self) -> None:
+        self.server.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            thread = threading.Thread(target=self._serve,
+                                      args=(conn, self.connections <= self.stuck), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _serve(self, conn: socket.socket, stuck: bool) -> None:
+        with conn:
+            conn.settimeout(5)
+            request = b""
+            try:
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                head, _, body = request.partition(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                if stuck:
+                    for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"." * 100_000:
+                        if self._stop.wait(0.2):
+                            return
+                        conn.sendall(bytes([byte]))
+                key = next(line.split(b":", 1)[1].strip().decode()
+                           for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"idempotency-key"))
+                self.answered.append(key)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._accepter.join(5)
+        for thread in self._threads:
+            thread.join(5)
+        self.server.close()
+
+
+def test_a_webhook_that_never_finishes_answering_is_abandoned_at_its_deadline(
+        tmp_path: Path) -> None:
+    """Before: `timeout_s` bounded each socket read, so a receiver that trickles its answer
+    held its worker for good: with 1 worker (2 in flight) no alert got through. Now the
+    exchange is abandoned at `timeout_s`, counted as a timeout and retried by the backoff
+    rules; the receiver, answering again, gets each alert once."""
+    trickle = Trickle(stuck=2)
+    config = write_config(
+        tmp_path, [{"endpoint": f"ipc://{tmp_path}/s1.pub", "catchup": f"ipc://{tmp_path}/s1.cu"}],
+        [{"type": "webhook", "name": "slow", "url": trickle.url, "timeout_s": 1,
+          "backoff_s": 0.1, "max_backoff_s": 0.2}])
+    config.write_text(config.read_text().replace('"workers": 2', '"workers": 1'))
+    alert = alert_daemon(config)
+    source = sensor(tmp_path, "s1", events=3, rate=20.0)
+    try:
+        deadline = time.monotonic() + 30
+        while len(set(trickle.answered)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        errors = stop(alert)
+        stop(source)
+        trickle.close()
+    assert len(set(trickle.answered)) == 3, (trickle.connections, errors[-2000:])
+    assert trickle.connections >= 5  # 2 abandoned, then 3 answered
+    assert "failed (no answer within timeout_s 1 s: abandoned); retry in" in errors
+    assert "Traceback" not in errors, errors[-2000:]
+
+
+def test_a_command_that_never_exits_is_killed_with_what_it_started(tmp_path: Path) -> None:
+    """The command and its child (its process group) are killed at `timeout_s`; before, the
+    child of a killed command lived on."""
+    from monitor.apps.alert.config import Action
+    from monitor.apps.alert.dispatch import run_command
+
+    pids = tmp_path / "pids"
+    script = f"sleep 300 & echo $! >> {pids}; wait"
+    action = Action(type="command", argv=("/bin/sh", "-c", script), timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(Exception) as raised:  # its kind and message are checked below
+        run_command(action, {"rule": "r"}, "k")
+    assert time.monotonic() - started < 3
+    child = int(pids.read_text())
+    for _ in range(100):  # killed; reaped by init once its parent is gone
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        if Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+            break
+        time.sleep(0.02)
+    else:
+        os.kill(child, 9)
+        raise AssertionError(f"the command's child {child} outlived it")
+    assert type(raised.value).__name__ == "DeadlineExceeded"
+    assert str(raised.value) == "did not exit within timeout_s 0.5 s: killed"

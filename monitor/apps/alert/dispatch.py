@@ -4,17 +4,22 @@ succeed or expire, each destination in its own worker pool."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import http.client
 import json
 import logging
+import os
+import signal
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from socket import SHUT_RDWR
+from socket import socket as RawSocket
 from typing import Any
 
 import zmq
@@ -26,28 +31,89 @@ from monitor.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
+class DeadlineExceeded(TimeoutError):
+    """An action ran past its `timeout_s`: it was abandoned (webhook) or killed (command)."""
+
+
 def run_webhook(action: Action, payload: dict[str, Any], key: str) -> None:
-    """POST the alert as JSON; raises on anything but 2xx."""
+    """POST the alert as JSON; raises on anything but 2xx.
+
+    `timeout_s` is a hard deadline for the whole exchange (connect, send, the answer): at
+    it the socket is shut down, so a receiver that never answers, or trickles its answer
+    a byte at a time, frees this worker then (DeadlineExceeded). Name lookup is not
+    covered: use an address or a local resolver for a destination that must not wait."""
     assert action.url is not None
-    request = urllib.request.Request(
-        action.url, data=json.dumps(payload).encode(), method="POST",
-        headers={"Content-Type": "application/json", "Idempotency-Key": key, **action.headers})
-    with urllib.request.urlopen(request, timeout=action.timeout_s) as response:
-        if not 200 <= response.status < 300:
-            raise OSError(f"HTTP {response.status}")
+    url = urllib.parse.urlsplit(action.url)
+    body = json.dumps(payload).encode()
+    cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    conn = cls(url.hostname or "", url.port, timeout=action.timeout_s)
+    lock = threading.Lock()
+    aborted = threading.Event()
+
+    def abort() -> None:
+        with lock:
+            aborted.set()
+            if conn.sock is not None:  # the plain socket's shutdown, under TLS too
+                with contextlib.suppress(OSError):
+                    RawSocket.shutdown(conn.sock, SHUT_RDWR)
+
+    timer = threading.Timer(action.timeout_s, abort)
+    timer.daemon = True
+    timer.start()
+    try:
+        try:
+            conn.connect()
+            with lock:
+                if aborted.is_set():
+                    raise OSError("deadline passed while connecting")
+            target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+            conn.request("POST", target, body=body,
+                         headers={"Content-Type": "application/json", "Idempotency-Key": key,
+                                  **action.headers})
+            response = conn.getresponse()
+            response.read()
+        except Exception as err:  # whatever the shut-down socket made the client raise
+            if aborted.is_set():
+                raise DeadlineExceeded(f"no answer within timeout_s {action.timeout_s:g} s: "
+                                       "abandoned") from err
+            raise
+    finally:
+        timer.cancel()
+        conn.close()
+    if not 200 <= response.status < 300:
+        raise OSError(f"HTTP {response.status}")
 
 
 def run_command(action: Action, payload: dict[str, Any], key: str) -> None:
-    """Run argv with the alert JSON on stdin; fields are also `{name}` placeholders."""
+    """Run argv with the alert JSON on stdin; fields are also `{name}` placeholders.
+
+    `timeout_s` is a hard deadline: at it the command and everything it started (its own
+    process group) are killed with SIGKILL, and DeadlineExceeded is raised."""
     fields = {k: "" if v is None else str(v) for k, v in payload.items()}
     argv = [a.format_map(fields) for a in action.argv]
-    result = subprocess.run(argv, input=json.dumps(payload).encode(), capture_output=True,
-                            timeout=action.timeout_s, check=False,
-                            env={"AUDIO_MONITOR_ALERT_KEY": key,
-                                 "PATH": "/usr/local/bin:/usr/bin:/bin"})
-    if result.returncode != 0:
-        raise OSError(f"exit status {result.returncode}: "
-                      f"{result.stderr.decode(errors='replace')[-200:]}")
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True,
+                               env={"AUDIO_MONITOR_ALERT_KEY": key,
+                                    "PATH": "/usr/local/bin:/usr/bin:/bin"})
+    try:
+        _, stderr = process.communicate(json.dumps(payload).encode(), timeout=action.timeout_s)
+    except subprocess.TimeoutExpired as err:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            with contextlib.suppress(OSError):
+                pipe.close()  # type: ignore[union-attr]
+        process.wait()
+        raise DeadlineExceeded(f"did not exit within timeout_s {action.timeout_s:g} s: "
+                               "killed") from err
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    if process.returncode != 0:
+        raise OSError(f"exit status {process.returncode}: "
+                      f"{stderr.decode(errors='replace')[-200:]}")
 
 
 @dataclass
@@ -81,6 +147,9 @@ def state_error(path: Path, err: BaseException) -> str:
             "writable); if it is damaged, stop the daemon and move the file aside")
 
 
+DESTINATION_COUNTERS = ("delivered", "failed", "timeouts", "expired", "in_flight")
+"""Per destination (`rule/action`), in `Dispatcher.destinations` and the status."""
+
 STOP_WAIT_S = 5.0
 """On stop, how long the dispatcher waits for actions in flight."""
 
@@ -102,13 +171,16 @@ class Dispatcher:
         self.delivered = 0
         self.failed = 0
         self.expired = 0
+        self.destinations: dict[str, Counter[str]] = {name: Counter() for name in self.actions}
+        """Per action (`rule/action`): delivered, failed, timeouts (ran past `timeout_s`:
+        abandoned or killed, counted in failed too), expired, in_flight. Read under `lock`."""
         self.bound_endpoint = ""
         self.health = Health("alert dispatcher")
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._local = threading.local()
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self._conns: list[Outbox] = []
         self._thread = threading.Thread(target=self._run, name="alert-dispatch", daemon=True)
 
@@ -165,7 +237,7 @@ class Dispatcher:
             # An action in flight may hang up to its own timeout: wait a little, not for it.
             _, pending = concurrent.futures.wait(list(busy.values()), timeout=STOP_WAIT_S)
             if not pending:
-                with self._lock:
+                with self.lock:
                     for conn in self._conns:
                         conn.close()
             if pub is not None:
@@ -205,6 +277,9 @@ class Dispatcher:
             future.add_done_callback(lambda _: self.wake.set())
             busy[row["key"]] = future
             per_action[name] += 1
+        with self.lock:
+            for name, counts in self.destinations.items():
+                counts["in_flight"] = per_action[name]
         return len(rows) == limit
 
     def _work(self, action: Action, payload: dict[str, Any], key: str) -> None:
@@ -214,7 +289,7 @@ class Dispatcher:
             outbox = getattr(self._local, "outbox", None)
             if outbox is None:
                 outbox = self._local.outbox = Outbox(self.config.state, any_thread=True)
-                with self._lock:
+                with self.lock:
                     self._conns.append(outbox)
             run = run_webhook if action.type == "webhook" else run_command
             try:
@@ -244,19 +319,25 @@ class Dispatcher:
 
     def _record(self, outbox: Outbox, key: str, error: BaseException | None,
                 now: float) -> None:
+        name = key.rsplit("|", 1)[1]
         if error is None:
             outbox.delivered(key, now=now)
-            with self._lock:
+            with self.lock:
                 self.delivered += 1
+                self.destinations[name]["delivered"] += 1
             return
-        action = self.actions[key.rsplit("|", 1)[1]]
+        action = self.actions[name]
         row = outbox.attempts(key)
         delay = min(action.max_backoff_s, action.backoff_s * 2 ** row)
         state = outbox.failed(key, now=now, error=f"{type(error).__name__}: {error}",
                               retry_at=now + delay)
-        with self._lock:
+        with self.lock:
             self.failed += 1
             self.expired += state == "expired"
+            counts = self.destinations[name]
+            counts["failed"] += 1
+            counts["timeouts"] += isinstance(error, DeadlineExceeded)
+            counts["expired"] += state == "expired"
         if state == "expired":
             logger.error("alert %s expired after %d attempts: %s", key, row + 1, error)
         elif row == 0:  # the first failure is worth a look; retries are routine
