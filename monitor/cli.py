@@ -117,6 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     ack.add_argument("--by", default="", help="who acknowledges (recorded)")
     ack.set_defaults(handler=_cmd_ack)
 
+    alert_status = sub.add_parser(
+        "alert-status", help="the running alert daemon's state, last error, per-destination "
+                             "counters and bad messages, as JSON (through its ack_endpoint)")
+    alert_status.add_argument("--config", type=Path, default=Path("alert.yaml"),
+                              help="alert config naming ack_endpoint")
+    alert_status.add_argument("--endpoint", help="ack endpoint (overrides the config)")
+    alert_status.set_defaults(handler=_cmd_alert_status)
+
     proxy = sub.add_parser("proxy", help="one bus for a fleet: XSUB/XPUB proxy and catch-up "
                                          "router (see docs/alerting.md)")
     proxy.add_argument("--config", type=Path, default=Path("fleet.yaml"))
@@ -340,11 +348,26 @@ def _stop_on_signal(log_level: str | None = None) -> threading.Event:
 def _cmd_alert(args: argparse.Namespace) -> int:
     from monitor.apps.alert.config import load_alert_config
     from monitor.apps.alert.daemon import AlertDaemon
+    from monitor.service.sdnotify import Notifier
 
     config = load_alert_config(args.config)
     stop = _stop_on_signal(args.log_level)
-    AlertDaemon(config).run(stop)
+    AlertDaemon(config, notifier=Notifier.from_env()).run(stop)
     return 0
+
+
+def _cmd_alert_status(args: argparse.Namespace) -> int:
+    """Print the status as JSON; exit 0 when `running`, 1 when `degraded`."""
+    from monitor.apps.alert.ack import ask_status
+    from monitor.apps.alert.config import load_alert_config
+
+    endpoint = args.endpoint or load_alert_config(args.config).ack_endpoint
+    if endpoint is None:
+        raise MonitorError(f"alert-status: {args.config} sets no ack_endpoint; set one (the "
+                           "status is asked there) or pass --endpoint")
+    status = ask_status(endpoint)
+    print(json.dumps(status, indent=2))
+    return 0 if status.get("state") == "running" else 1
 
 
 def _cmd_ack(args: argparse.Namespace) -> int:

@@ -156,27 +156,44 @@ def test_unwritable_journal_degrades_the_publisher_and_recovers(tmp_path: Path) 
 def test_full_disk_degrades_the_alert_daemon_and_nothing_is_lost(tmp_path: Path) -> None:
     """The alert daemon's state file cannot grow (a full disk): it degrades, logs which
     file and the cure, stays up; once there is room, every event is acted on, once."""
+    from test_alert_status import wait_state
+    from test_production import NotifySocket
+
     hook = Webhook()
-    config = alert_config(tmp_path, hook.url, _source(tmp_path))
+    systemd = NotifySocket(str(tmp_path / "notify"))
+    ack = f"ipc://{tmp_path}/ack.sock"
+    config = alert_config(tmp_path, hook.url, _source(tmp_path), ack_endpoint=ack)
     alert = subprocess.Popen([sys.executable, "-m", "monitor", "alert", "--config",
                               str(config), "--log-level", "WARNING"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**ENV, "NOTIFY_SOCKET": systemd.address},
                              preexec_fn=lambda: limited(96 * 1024))
     source = sensor(tmp_path, "s1", events=300, rate=300.0)
     try:
         time.sleep(4.0)
         assert alert.poll() is None, "a full disk must not end the daemon"
         assert hook.distinct() < 300, "the limit was never reached: nothing tested"
+        degraded = wait_state(ack, "degraded")  # the status surface says so, and why
+        line = systemd.wait_for("STATUS", "degraded; ", timeout=10)["STATUS"]
+        lifted = time.monotonic()
         resource.prlimit(alert.pid, resource.RLIMIT_FSIZE,
                          (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         hook.wait_for(300, timeout_s=60)
-        time.sleep(0.5)
+        running = wait_state(ack, "running")  # after 5 s without a failure
+        assert systemd.wait_for("STATUS", "running; ", since=lifted, timeout=10)
         assert alert.poll() is None
     finally:
         errors = stop(alert)
         stop(source)
         hook.close()
+        systemd.close()
     assert hook.distinct() == 300, errors[-3000:]
+    cure = (f"state {tmp_path / 'alert.db'}: OperationalError: disk I/O error; events are "
+            "judged again")
+    assert (degraded["last_error"] or "").startswith(cure)
+    assert f"last_error: {cure}" in line
+    assert running["last_error"] is None
+    assert running["destinations"]["cough/webhook0"]["delivered"] == 300
     assert f"alert daemon degraded (1 failures so far): state {tmp_path / 'alert.db'}: " \
            "OperationalError: disk I/O error; events are judged again" in errors
     assert "free disk space, or make" in errors

@@ -1,9 +1,10 @@
-"""Acknowledging an event (`audio-monitor ack`): the request, its parser and the client."""
+"""The ack endpoint's requests: acknowledging an event (`audio-monitor ack`) and asking the
+daemon's status (`audio-monitor alert-status`); their parsers and the clients."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import zmq
@@ -20,8 +21,28 @@ class AckRequest(Strict, frozen=True):
     by: Annotated[str, Meta(max_length=200)] = ""
 
 
+class StatusRequest(Strict, frozen=True):
+    """What `audio-monitor alert-status` sends to the ack endpoint."""
+
+    request: Literal["status"]
+
+
 _ACK = msgspec.json.Decoder(AckRequest)
+_STATUS = msgspec.json.Decoder(StatusRequest)
 MAX_ACK_BYTES = 4096
+
+
+def is_status_request(payload: bytes) -> bool:
+    """True for exactly ``{"request": "status"}``; anything else is parsed as an ack."""
+    if len(payload) > MAX_ACK_BYTES:
+        return False
+    try:
+        _STATUS.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return False
+    return True
+
+
 
 
 def parse_ack(payload: bytes) -> AckRequest:
@@ -39,14 +60,23 @@ def parse_ack(payload: bytes) -> AckRequest:
 
 def send_ack(endpoint: str, event_id: str, *, by: str, timeout_s: float = 5.0) -> dict[str, Any]:
     """Client of the ack endpoint (`audio-monitor ack`)."""
+    return _ask(endpoint, AckRequest(event_id=event_id, by=by), timeout_s=timeout_s)
+
+
+def ask_status(endpoint: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
+    """The running alert daemon's `AlertDaemon.status()`, through its ack endpoint."""
+    return _ask(endpoint, StatusRequest(request="status"), timeout_s=timeout_s)
+
+
+def _ask(endpoint: str, request: msgspec.Struct, *, timeout_s: float) -> dict[str, Any]:
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     socket = context.socket(zmq.REQ)
     socket.setsockopt(zmq.LINGER, 0)
     try:
         socket.connect(endpoint)
-        socket.send(msgspec.json.encode(AckRequest(event_id=event_id, by=by)))
+        socket.send(msgspec.json.encode(request))
         if not socket.poll(int(timeout_s * 1000)):
-            raise ConfigError(f"ack: no answer from {endpoint} within {timeout_s} s; is "
+            raise ConfigError(f"no answer from {endpoint} within {timeout_s} s; is "
                               "`audio-monitor alert` running with ack_endpoint set?")
         reply: dict[str, Any] = json.loads(socket.recv())
         return reply

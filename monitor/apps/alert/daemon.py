@@ -15,14 +15,15 @@ from typing import Any
 import msgspec
 import zmq
 
-from monitor.apps.alert.ack import parse_ack
+from monitor.apps.alert.ack import is_status_request, parse_ack
 from monitor.apps.alert.catchup import CatchupWorker, Page
 from monitor.apps.alert.config import AlertConfig, offline_event, work_items
-from monitor.apps.alert.dispatch import Dispatcher, Health, state_error
+from monitor.apps.alert.dispatch import DESTINATION_COUNTERS, Dispatcher, Health, state_error
 from monitor.apps.alert.outbox import Outbox, StateLock
 from monitor.errors import ConfigError, MessageError
 from monitor.protocol.messages import Event, Status, decode
 from monitor.protocol.schema import Refusals
+from monitor.service.sdnotify import Notifier
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,14 @@ class AlertDaemon:
     dropped; a failing state file degrades it (`health`) and is retried."""
 
     def __init__(self, config: AlertConfig, *, context: zmq.Context[Any] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
         self.context = context or zmq.Context.instance()
         self.clock = clock
+        self.notifier = notifier or Notifier(None)
+        """systemd: READY=1 once running, a STATUS= line (`summary`) whenever it changes."""
+        self.started = clock()
         self.sensors: dict[str, SensorState] = {}
         self.counters = {"received": 0, "bad_messages": 0, "events": 0, "duplicates": 0,
                          "stale": 0, "catchup_requests": 0, "catchup_events": 0,
@@ -60,6 +65,7 @@ class AlertDaemon:
         self.dispatcher = Dispatcher(config, context=self.context, clock=clock)
         self.ack_endpoint = ""
         self._workers: list[CatchupWorker | None] = []
+        self._status_line = ""
         self.bridges: list[Any] = []
         """MQTT sources' bridges (`monitor.apps.alert.mqtt_bridge.MqttBridge`), while `run` runs."""
 
@@ -72,6 +78,58 @@ class AlertDaemon:
     @property
     def last_error(self) -> str | None:
         return self.health.last_error or self.dispatcher.health.last_error
+
+    def status(self, outbox: Outbox | None = None) -> dict[str, Any]:
+        """What an operator asks for (`audio-monitor alert-status`): state, last_error,
+        counters, bad_messages by reason, per destination (`rule/action`) delivered, failed,
+        timeouts, expired, in_flight and pending (null if the state file cannot be read),
+        and per sensor whether it is offline, its cursor and seconds since it was heard."""
+        pending: dict[str, int] | None = None
+        if outbox is not None:
+            try:
+                pending = outbox.pending_by_action()
+            except sqlite3.Error:
+                pending = None
+        dispatcher = self.dispatcher
+        with dispatcher.lock:
+            destinations = {name: {**{k: counts[k] for k in DESTINATION_COUNTERS},
+                                   "pending": None if pending is None else pending.get(name, 0)}
+                            for name, counts in dispatcher.destinations.items()}
+            delivered, failed, expired = dispatcher.delivered, dispatcher.failed, \
+                dispatcher.expired
+        now = self.clock()
+        return {
+            "state": self.state, "last_error": self.last_error,
+            "uptime_s": round(now - self.started, 3),
+            "counters": {**self.counters, "delivered": delivered, "failed": failed,
+                         "expired": expired},
+            "bad_messages": dict(self.refusals.by_reason),
+            "destinations": destinations,
+            "sensors": {sensor_id: {"offline": state.offline, "last_seq": state.last_seq,
+                                    "silent_s": round(max(0.0, now - state.last_seen), 3)}
+                        for sensor_id, state in sorted(self.sensors.items())},
+        }
+
+    def summary(self, status: dict[str, Any]) -> str:
+        """`status` as one line, for systemd's STATUS= (`systemctl status`)."""
+        destinations = status["destinations"].values()
+        pending = [d["pending"] for d in destinations]
+        counters = status["counters"]
+        line = (f"{status['state']}; {len(status['sensors'])} sensor(s), "
+                f"{sum(s['offline'] for s in status['sensors'].values())} offline; "
+                f"delivered {counters['delivered']}, failed {counters['failed']} "
+                f"({sum(d['timeouts'] for d in destinations)} timeouts), pending "
+                f"{'?' if None in pending else sum(pending)}; "
+                f"bad_messages {counters['bad_messages']}")
+        if status["last_error"]:
+            line += f"; last_error: {status['last_error']}"
+        return line
+
+    def _notify(self, outbox: Outbox) -> None:
+        text = self.summary(self.status(outbox))
+        if text != self._status_line:
+            self._status_line = text
+            self.notifier.status(text)
 
     def run(self, stop: threading.Event, *, ready: threading.Event | None = None) -> None:
         """Until `stop`. ConfigError at start: state file locked, damaged or unwritable, an
@@ -130,6 +188,8 @@ class AlertDaemon:
             poller.register(ack, zmq.POLLIN)
         now = self.clock()
         self._contain(self._resume, outbox, now)
+        self._status_line = self.summary(self.status(outbox))
+        self.notifier.ready(self._status_line)
         if ready is not None:
             ready.set()
         next_tick = now + 1.0
@@ -153,7 +213,9 @@ class AlertDaemon:
                 if now >= next_tick:
                     next_tick = now + 1.0
                     self._contain(self._tick, outbox, now)
+                    self._notify(outbox)
         finally:
+            self.notifier.stopping(f"stopping; {self._status_line}")
             self.dispatcher.stop()
             for bridge in bridges:
                 bridge.stop()
@@ -314,8 +376,13 @@ class AlertDaemon:
         self.refusals.count(reason, text)
 
     def _on_ack(self, outbox: Outbox, socket: zmq.Socket[Any]) -> None:
+        """A request on the ack endpoint: an ack, or `{"request": "status"}`."""
         frames = socket.recv_multipart()
         envelope, payload = frames[:-1], frames[-1]
+        if is_status_request(payload):
+            socket.send_multipart([*envelope, json.dumps({"ok": True,
+                                                          **self.status(outbox)}).encode()])
+            return
         try:
             request = parse_ack(payload)
         except MessageError as err:

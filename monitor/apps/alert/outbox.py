@@ -253,6 +253,11 @@ class Outbox:
             self._conn.execute("DELETE FROM decisions WHERE at < ?", (before,))
         return int(n)
 
+    def pending_by_action(self) -> dict[str, int]:
+        """Rows still to deliver (due now or later), per action (`rule/action`)."""
+        return {r[0]: int(r[1]) for r in self._conn.execute(
+            "SELECT action, count(*) FROM outbox WHERE state = 'pending' GROUP BY action")}
+
     def counts(self) -> dict[str, int]:
         return {r[0]: int(r[1]) for r in
                 self._conn.execute("SELECT state, count(*) FROM outbox GROUP BY state")}
