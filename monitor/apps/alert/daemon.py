@@ -38,6 +38,9 @@ class SensorState:
     catchup_pending: bool = False
     """A request is out (answered through `CatchupWorker.results`)."""
     offline: bool = False
+    catchup_failures: int = 0
+    """Failed catch-up requests in a row (a sensor running without its journal answers
+    each with a refusal: logged at the first and every 100th, not every 2 s)."""
 
 
 class AlertDaemon:
@@ -297,8 +300,12 @@ class AlertDaemon:
         if header is None:
             self.counters["catchup_failures"] += 1
             state.catchup_at = self.clock() + 2.0
-            logger.warning("catch-up for %s from %s: %s", sensor_id, source, page.error)
+            state.catchup_failures += 1
+            if state.catchup_failures % 100 == 1:
+                logger.warning("catch-up for %s from %s (%d failures in a row): %s", sensor_id,
+                               source, state.catchup_failures, page.error)
             return
+        state.catchup_failures = 0
         known = outbox.epoch(sensor_id)
         if page.after > 0 and ((header.epoch is not None and known is not None and
                                 header.epoch != known) or
