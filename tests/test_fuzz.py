@@ -197,3 +197,16 @@ def test_config_loaders_on_arbitrary_text(name: str, text: str,
         LOADERS[name](path)
     except ConfigError as err:
         one_line(err)
+
+
+def test_a_key_holding_a_newline_is_refused_on_one_line(tmp_path: Path) -> None:
+    """Found by the fuzz above: the key path of the refusal quoted a mapping key raw, so a
+    room named with a newline broke the one-line error."""
+    document = yaml.safe_load((REPO / "alert.yaml").read_text(encoding="utf-8"))
+    document["rooms"] = {"ward\n3": None}
+    path = tmp_path / "alert.yaml"
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    with pytest.raises(ConfigError) as refused:
+        load_alert_config(path)
+    one_line(refused.value)
+    assert "ward\\n3" in str(refused.value)

@@ -80,8 +80,8 @@ def describe(err: msgspec.MsgspecError, data: Any = None, tp: Any = None) -> str
         node = _node_at(tp, path) if tp is not None else None
         allowed = [f.encode_name for f in node.fields] \
             if isinstance(node, msgspec.inspect.StructType) else []
-        return f"{path}.{unknown.group(1)}: unknown key" + (
-            f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
+        return _printable(f"{path}.{unknown.group(1)}: unknown key" + (
+            f"; allowed keys here: {', '.join(allowed)}" if allowed else ""))
     message = message[:1].lower() + message[1:]
     pattern = re.search(r"`str` matching regex '(.*)'$", message)
     if pattern:  # msgspec shows the regex as a repr: doubled backslashes
@@ -96,8 +96,14 @@ def describe(err: msgspec.MsgspecError, data: Any = None, tp: Any = None) -> str
         if isinstance(value, float) and not math.isfinite(value):
             message = f"NaN and infinity are refused; {message}"
         if found and not isinstance(value, dict | list):
-            return f"{path}: {value!r}: {message}"
-    return f"{path}: {message}"
+            return _printable(f"{path}: {value!r}: {message}")
+    return _printable(f"{path}: {message}")
+
+
+def _printable(line: str) -> str:
+    """The line with control characters escaped: a key or value from a document (a key
+    holding a newline) must not break the one-line error."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
 def value_at(data: Any, path: str) -> tuple[bool, Any]:
