@@ -452,9 +452,15 @@ def bench_live_mic(config: Path, seconds: float) -> dict[str, Any]:
     results: dict[str, Any] = {"c_callback_built": load() is not None}
     try:
         for _ in range(100):
-            if subprocess.run(["jack_lsp"], env=env, capture_output=True).returncode == 0:
-                break
+            try:
+                if subprocess.run(["jack_lsp"], env=env, capture_output=True,
+                                  timeout=5).returncode == 0:
+                    break
+            except subprocess.TimeoutExpired:
+                pass
             time.sleep(0.1)
+        else:  # e.g. a JACK metadata database left unjoinable by a killed client
+            return results | {"skipped": f"jackd -n {name} did not become ready in 10 s"}
         with tempfile.TemporaryDirectory() as folder:
             runs: list[tuple[str, dict[str, str]]] = [
                 ("aot", {}), ("python_callback", {PYTHON_CAPTURE_ENV: "1"}),
@@ -471,9 +477,16 @@ def bench_live_mic(config: Path, seconds: float) -> dict[str, Any]:
                 if proc.poll() is not None:
                     results[label] = {"skipped": f"daemon exited with {proc.returncode}"}
                     continue
-                measured[label].append(_measure(proc.pid, seconds / 2))
+                try:
+                    measured[label].append(_measure(proc.pid, seconds / 2))
+                except OSError as err:  # the daemon went away while measured
+                    results[label] = {"skipped": f"daemon ended while measured: {err}"}
                 proc.terminate()
-                proc.wait(20)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:  # PortAudio can block after JACK trouble
+                    proc.kill()
+                    proc.wait(10)
             results.update({label: _pooled(runs_of) for label, runs_of in measured.items()
                             if runs_of and label not in results})
         return results

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 from scipy import signal
 
+from monitor.capture.audiofile import read_audio
 from monitor.errors import SourceError
 
 logger = logging.getLogger(__name__)
@@ -183,12 +183,9 @@ def clip_waveform(clip: Clip, *, max_s: float | None = None) -> np.ndarray:
 
 
 def load_audio(path: Path, *, max_s: float | None = None) -> np.ndarray:
-    """Mono float32 at SAMPLE_RATE (the data set is 16 kHz already; anything else is an error)."""
-    try:
-        x, sr = sf.read(str(path), dtype="float32", always_2d=True,
-                        frames=-1 if max_s is None else int(max_s * SAMPLE_RATE))
-    except (sf.LibsndfileError, RuntimeError, OSError) as err:
-        raise SourceError(f"cannot read audio file {path}: {err}") from err
+    """Mono float32 at SAMPLE_RATE (the data set is 16 kHz already; anything else is an error),
+    through the one audio-file reader the daemon and `analyze` use."""
+    x, sr = read_audio(path, max_seconds=max_s)
     if sr != SAMPLE_RATE:
         raise SourceError(f"{path}: sample rate {sr} Hz, expected {SAMPLE_RATE} Hz")
     return np.ascontiguousarray(x.mean(axis=1))

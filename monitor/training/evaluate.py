@@ -144,7 +144,7 @@ def evaluate(data_dir: Path, models_dir: Path, *, cache_dir: Path | None = None)
         "split": ("test: SAFE folds 7-8; RAVDESS actors 09-12; FSDD jackson, theo; ESC-50 "
                   "source ids and cough/glass files with sha256 % 10 in {0, 1}; synthetic "
                   "tones from their own seeds"),
-        "chain": ("monitor.analyze.analyze_file on each file as it is (no padding), stride "
+        "chain": ("monitor.apps.analyze.analyze_file on each file as it is (no padding), stride "
                   "100 ms, card thresholds and rules, config defaults elsewhere"),
         "clip_level": clip_metrics,
         "per_source": per_source,

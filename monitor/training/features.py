@@ -1,6 +1,6 @@
 """Clip -> log-mel (the live front end) -> 96-frame windows -> cached YAMNet embeddings.
 
-Features come from `monitor.frontend.logmel_of`, the streaming code the daemon runs, so the
+Features come from `monitor.dsp.frontend.logmel_of`, the streaming code the daemon runs, so the
 head is trained on exactly what it will be fed. Embeddings are cached under `.cache/` keyed by
 everything that changes them (files, augmentation variant and seed, front end, YAMNet).
 """

@@ -1,6 +1,6 @@
 """Per-class event rules and the onset lead, chosen on validation score sequences.
 
-Window scores are replayed through the live state machine (`monitor.events`), so a rule
+Window scores are replayed through the live state machine (`monitor.detect.events`), so a rule
 chosen here behaves exactly as the daemon, `analyze` and `evaluate` will run it. A rule is
 chosen jointly with its threshold: among the candidates that keep validation precision at the
 target and recall at the best plain (1-of-1) recall, the one with the fewest false alarms on a
@@ -36,7 +36,7 @@ REFRACTORY_MS = 1000.0
 
 @dataclass(frozen=True)
 class StreamTiming:
-    """Where scored windows end, in samples, as `monitor.processor.Timing` places them."""
+    """Where scored windows end, in samples, as `monitor.pipeline.timing.Timing` places them."""
 
     hop: int
     win: int
