@@ -258,7 +258,8 @@ def build_card(*, params_dict: dict[str, Any], sha256: str, thresholds: dict[str
                validation: dict[str, Any], temperature: float,
                rules: dict[str, dict[str, float]], onset_lead_ms: float,
                val_stream_hours: float, peaks: dict[str, list[float]]) -> dict[str, Any]:
-    """Model card, schema 1 (as `monitor.detect.detector.read_card` reads it) plus training facts."""
+    """Model card, schema 1 (as `monitor.detect.detector.read_card` reads it) plus training
+    facts."""
     sources: dict[tuple[str, str], dict[str, Any]] = {}
     for c in clips:
         if c.synth is not None:
