@@ -205,3 +205,17 @@ def test_sigterm_mid_event_on_a_live_microphone_publishes_its_end(
     end = ends_with_its_end(messages, audio_s=float("inf"))
     assert "JACK" in of(messages, Status)[-1].source
     assert end.offset_s is not None
+
+
+def test_a_file_run_never_loads_portaudio(shared_data: Path, edge_config: Path,
+                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file source needs no sound system: `run` on a file must not import sounddevice
+    (PortAudio's start can stall for seconds probing JACK on a machine without audio)."""
+    path = tmp_path / "clip.wav"
+    sf.write(str(path), burst(shared_data), RATE, subtype="FLOAT")
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # every import, on stderr
+    _, stderr = run_to_end(edge_config, f"file:{path}", f"ipc://{tmp_path}/d.sock", "--fast")
+    import re
+
+    assert re.search(r"\|\s+monitor\.capture\.sources\s*$", stderr, re.M)  # the log is there
+    assert not re.search(r"\|\s+sounddevice\s*$", stderr, re.M)

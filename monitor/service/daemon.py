@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from monitor.capture.mic import MicSource, rescan_devices
 from monitor.capture.sources import FileSource, Source, StdinSource, parse_source
 from monitor.config import Config
 from monitor.detect.detector import Detector
@@ -55,6 +54,8 @@ def build_source(config: Config) -> Source:
         return StdinSource(sample_rate=audio.sample_rate or DEFAULT_STDIN_RATE,
                            channels=audio.channels or 1, ring_seconds=audio.ring_seconds,
                            block_ms=audio.block_ms)
+    from monitor.capture.mic import MicSource  # PortAudio is loaded for a microphone only
+
     device: str | int | None = arg
     if arg is not None and arg.isdigit():
         device = int(arg)
@@ -101,6 +102,8 @@ def wait_for_source(config: Config, *, stop: threading.Event, publisher: Publish
             if stop.is_set():
                 return None
             backoff = min(backoff * 2.0, DEVICE_BACKOFF_MAX_S)
+            from monitor.capture.mic import rescan_devices
+
             rescan_devices()
 
 
