@@ -116,6 +116,14 @@ def make_client(settings: MqttConfig, client_id: str, *, clean_session: bool = T
     return client
 
 
+def refused(settings: MqttConfig, reason: Any) -> bool:
+    """Whether the broker refused a connection (paho's `reason`); logs the refusal once."""
+    if reason.is_failure:
+        logger.warning("mqtt: %s:%d refused the connection: %s", settings.host, settings.port,
+                       reason)
+    return bool(reason.is_failure)
+
+
 class _Cursor:
     """The seq of the newest event the broker acknowledged with all older ones, on disk."""
 
@@ -348,9 +356,7 @@ class MqttOutput(Output):
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
-        if reason.is_failure:
-            logger.warning("mqtt: %s:%d refused the connection: %s", self.settings.host,
-                           self.settings.port, reason)
+        if refused(self.settings, reason):
             return
         self.connects += 1
         self.connected = True

@@ -9,7 +9,7 @@ from typing import Any
 import zmq
 
 from monitor.config import MqttConfig
-from monitor.outputs.mqtt import make_client, wire_topic
+from monitor.outputs.mqtt import make_client, refused, wire_topic
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +57,7 @@ class MqttBridge:
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
-        if reason.is_failure:
-            logger.warning("mqtt: %s:%d refused the connection: %s", self.settings.host,
-                           self.settings.port, reason)
+        if refused(self.settings, reason):
             return
         client.subscribe([(f"{self.prefix}/+/event/#", 1), (f"{self.prefix}/+/status", 1)])
 
