@@ -211,12 +211,16 @@ def recall_in_background(detector: Detector, config: Any, positives: list[Clip],
     rng = np.random.default_rng(0)
     margin = int(BACKGROUND_MARGIN_S * SAMPLE_RATE)
     found: dict[str, dict[str, dict[str, list[bool]]]] = {}
+    looped: dict[tuple[str, int], np.ndarray] = {}
     for clip in positives:
         x = clip_waveform(clip)
         level = active_rms(x)
-        for name, bed in backgrounds.items():
+        for name, source in backgrounds.items():
             n = len(x) + 2 * margin
-            bed = np.tile(bed, -(-n // len(bed)) + 1)
+            reps = -(-n // len(source)) + 1
+            if (name, reps) not in looped:  # an hour-long stream, tiled once per length
+                looped[name, reps] = np.tile(source, reps)
+            bed = looped[name, reps]
             for snr in snrs_db:
                 start = int(rng.integers(0, len(bed) - n + 1))
                 piece = bed[start:start + n].astype(np.float64)
