@@ -195,6 +195,22 @@ def test_rule_tuning_prefers_confirmation_that_removes_stream_blips() -> None:
     assert len(replay(pos[0], cand.rule(timing.sample_rate), timing)) == 1
 
 
+def test_rule_tuning_keeps_the_threshold_off_both_edges_of_a_tie() -> None:
+    # every threshold from 0.56 to 0.80 gives the same validation figures (positives plateau
+    # at 0.8, negatives at 0.1, stream blips at 0.55): the choice must leave 0.1 of room
+    # both to the positives and to the stream's blips
+    timing = _timing()
+    pos = [np.r_[np.zeros(5), np.full(5, 0.8), np.zeros(5)] for _ in range(10)]
+    neg = [np.full(15, 0.1) for _ in range(10)]
+    stream = np.zeros(300)
+    stream[[50, 150, 250]] = 0.55
+    positive = np.array([True] * 10 + [False] * 10)
+    cand, info = tune_class(pos + neg, positive, stream, timing, target_precision=0.9)
+    assert info["recall"] == 1.0 and info["stream_false_alarms"] == 0
+    assert info["stream_near_misses"] == 0
+    assert 0.65 < cand.threshold <= 0.70 + 1e-9, cand
+
+
 def test_onset_lead_is_median_first_hit_window_end_minus_true_onset() -> None:
     timing = _timing()
     scores = np.array([0.1, 0.2, 0.95, 0.9, 0.1])  # first hit: window 2
@@ -371,8 +387,10 @@ def test_features_are_the_same_fresh_and_from_the_cache(tmp_path: Path) -> None:
 
 def test_rule_tuning_refuses_rules_that_raise_too_many_negative_clips() -> None:
     timing = _timing()
-    pos = [np.r_[np.zeros(5), np.full(5, 0.9), np.zeros(5)] for _ in range(10)]
-    # 100 negatives, 3 of which reach 0.9 for one window (precision stays >= 0.9 at 0.9)
+    # 8 positives hold 0.9 for 5 windows, 2 only for one window; 3 of 100 negatives reach
+    # 0.9 for one window. Only a plain 1-of-1 rule finds every positive (precision 0.77).
+    pos = [np.r_[np.zeros(5), np.full(5, 0.9), np.zeros(5)] for _ in range(8)]
+    pos += [np.r_[np.zeros(7), 0.9, np.zeros(7)] for _ in range(2)]
     neg = [np.full(15, 0.1) for _ in range(100)]
     for k in range(3):
         neg[k][7] = 0.9
@@ -382,8 +400,9 @@ def test_rule_tuning_refuses_rules_that_raise_too_many_negative_clips() -> None:
     strict, info = tune_class(pos + neg, positive, stream, timing, target_precision=0.75,
                               false_clip_budget=0.02)
     assert any(replay(n, loose.rule(timing.sample_rate), timing) for n in neg)
-    # at most 2 of 100 negatives may raise it: a 2-window confirmation does it
-    assert info["recall"] == 1.0
+    # at most 2 of 100 negatives may raise it: a 2-window confirmation does it, at the
+    # cost of the two one-window positives
+    assert info["recall"] == 0.8
     assert not any(replay(n, strict.rule(timing.sample_rate), timing) for n in neg)
 
 

@@ -4,8 +4,11 @@ Window scores are replayed through the live state machine (`monitor.detect.event
 chosen here behaves exactly as the daemon, `analyze` and `evaluate` will run it. A rule is
 chosen jointly with its threshold: among the candidates that keep validation precision at the
 target and recall at the best plain (1-of-1) recall, the one with the fewest false alarms on a
-continuous validation everyday stream wins; ties go to the fewest near misses (stream events
-of the same rule 0.1 lower), then to the faster rule (fewer windows to confirm).
+continuous validation everyday stream wins; ties go to the higher validation precision, then
+to the fewest near misses on both sides (stream events of the same rule 0.1 lower, plus
+validation events the same rule 0.1 higher would lose), then to the faster rule (fewer windows
+to confirm). Counting both sides keeps a threshold off either edge of a run of thresholds that
+validation cannot tell apart.
 """
 
 from __future__ import annotations
@@ -118,6 +121,14 @@ def _relaxed(cand: Candidate) -> Candidate:
                      confirm_m=cand.confirm_m, min_duration_ms=cand.min_duration_ms)
 
 
+def _tightened(cand: Candidate) -> Candidate:
+    """The same rule 0.1 higher: the validation events it loses are near misses of the
+    real one on the other side (positives a quieter room would cost)."""
+    t = min(cand.threshold + 0.1, 1.0)
+    return Candidate(threshold=t, release=min(cand.release + 0.1, t), confirm_n=cand.confirm_n,
+                     confirm_m=cand.confirm_m, min_duration_ms=cand.min_duration_ms)
+
+
 def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_scores: np.ndarray,
                timing: StreamTiming, *, target_precision: float,
                false_clip_budget: float = 1.0) -> tuple[Candidate,
@@ -151,8 +162,11 @@ def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_score
     ok = [r for r in rows if r[1] >= recall_floor - 1e-9]
     near = {r[0]: len(replay(stream_scores, _relaxed(r[0]).rule(timing.sample_rate), timing))
             for r in ok}
-    best = min(ok, key=lambda r: (r[3], near[r[0]], r[0].confirm_m, r[0].min_duration_ms,
-                                  -r[2], -r[0].threshold))
+    pos_seqs = [s for s, p in zip(clip_scores, positive, strict=True) if p]
+    lost = {r[0]: int(np.sum(_any_event(pos_seqs, r[0], timing)
+                             & ~_any_event(pos_seqs, _tightened(r[0]), timing))) for r in ok}
+    best = min(ok, key=lambda r: (r[3], -r[2], near[r[0]] + lost[r[0]], r[0].confirm_m,
+                                  r[0].min_duration_ms, -r[0].threshold))
     cand, recall, precision, fa = best
     base = max(plain, key=lambda r: (r[1], r[2])) if plain else best
     return cand, {"threshold": cand.threshold, "precision": round(precision, 4),
