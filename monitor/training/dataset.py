@@ -244,7 +244,7 @@ def active_rms(x: np.ndarray) -> float:
     return float(np.sqrt(top.mean() + 1e-12))
 
 
-def _reverb(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def reverberate(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Convolve with exponentially decaying noise (RT60 0.2-0.9 s), keep some direct path."""
     rt60 = rng.uniform(0.2, 0.9)
     n = int(rt60 * SAMPLE_RATE)
@@ -258,7 +258,8 @@ def _reverb(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 _PHONE_SOS = signal.butter(6, [300.0, 3400.0], btype="bandpass", fs=SAMPLE_RATE, output="sos")
 
 
-def _phone(x: np.ndarray) -> np.ndarray:
+def phone_band(x: np.ndarray) -> np.ndarray:
+    """A 300-3400 Hz telephone band (6th-order Butterworth)."""
     return signal.sosfilt(_PHONE_SOS, x).astype(np.float32)
 
 
@@ -268,9 +269,9 @@ def augment(x: np.ndarray, *, rng: np.random.Generator, beds: list[np.ndarray],
     0-25 dB SNR, then gain. `beds` are other clips' background audio (training split only)."""
     y = x.astype(np.float32, copy=True)
     if rng.random() < 0.35:
-        y = _reverb(y, rng)
+        y = reverberate(y, rng)
     if rng.random() < phone_p:
-        y = _phone(y)
+        y = phone_band(y)
     level = active_rms(y)
     if beds and rng.random() < 0.7:
         bed = beds[int(rng.integers(len(beds)))]

@@ -9,6 +9,8 @@ Everything is measured on the test split that neither training nor threshold cho
   (`streams`);
 - recall with a background: held-out events mixed into held-out speech, synthetic alarms
   and everyday sound at 10 and 0 dB (`streams.recall_in_background`);
+- recall in other rooms and microphones: held-out events reverberated, phone-band limited and
+  through the full augmentation chain (`streams.recall_in_rooms`);
 - onset error: held-out events placed in the everyday stream at known times;
 - inference time of one window on one thread, through `Detector.score`.
 The report (tables, plots, HTML) is `report`.
@@ -38,11 +40,13 @@ from monitor.training.features import class_index, extract
 from monitor.training.head import clip_max, head_probs
 from monitor.training.report import format_table, write_report
 from monitor.training.streams import (
+    ROOM_CHAINS,
     augmented_false_alarms,
     heldout_streams,
     onset_errors,
     onset_stream,
     recall_in_background,
+    recall_in_rooms,
     run_chain,
     stream_false_alarms,
     total_false_alarms,
@@ -134,6 +138,9 @@ def evaluate(data_dir: Path, models_dir: Path, *, cache_dir: Path | None = None)
                     len(positives), len(BACKGROUNDS))
         background = recall_in_background(
             detector, config, positives, {name: streams[name] for name in BACKGROUNDS}, tmp)
+        logger.info("recall in other rooms and microphones: %d events x %d chains",
+                    len(positives), len(ROOM_CHAINS))
+        rooms = recall_in_rooms(detector, config, positives, tmp)
 
         stream, onsets = onset_stream(test, everyday)
         stream_events = run_chain(detector, config, stream, tmp)
@@ -150,6 +157,7 @@ def evaluate(data_dir: Path, models_dir: Path, *, cache_dir: Path | None = None)
         "per_source": per_source,
         "false_alarms_per_hour": fa,
         "recall_in_background": background,
+        "recall_in_rooms": rooms,
         "onset": onset,
         "inference_ms_1_thread": latency,
         "analyze_seconds": round(t_clips, 1),

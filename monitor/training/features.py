@@ -20,7 +20,7 @@ import onnxruntime as ort
 from monitor.detect.yamnet import MODEL_SHA256, WINDOW_FRAMES
 from monitor.dsp.frontend import FrontendParams, logmel_of
 from monitor.training.compose import AUDIOSET_DIM, EMBEDDING_DIM, embedding_model_bytes
-from monitor.training.dataset import CLASSES, Clip, augment, clip_waveform, pad
+from monitor.training.dataset import CLASSES, Clip, augment, clip_waveform, pad, reverberate
 
 logger = logging.getLogger(__name__)
 
@@ -90,25 +90,30 @@ def embed_signal(x: np.ndarray, *, params: FrontendParams, hop_frames: int,
 
 
 def clip_audio(clip: Clip, *, variant: int, seed: int, beds: list[np.ndarray],
-               max_s: float | None) -> np.ndarray:
-    """Padded waveform of a clip; variant 0 is clean, k > 0 an augmentation drawn from the seed."""
+               max_s: float | None, room: bool = False) -> np.ndarray:
+    """Padded waveform of a clip; variant 0 is clean, k > 0 an augmentation drawn from the seed
+    (with `room`, reverberation alone: the clip in another room)."""
     x = pad(clip_waveform(clip, max_s=max_s), seconds=PAD_S)
     if variant == 0:
         return x
     key = int(hashlib.sha256(f"{seed}:{variant}:{clip.key}".encode()).hexdigest()[:12], 16)
     rng = np.random.default_rng(key)
+    if room:
+        return reverberate(x, rng)
     phone_p = 0.15 if clip.cls == "cough" else 0.4  # half the coughs are phone-band already
     return augment(x, rng=rng, beds=beds, phone_p=phone_p)
 
 
 def extract(clips: list[Clip], *, yamnet_path: Path, cache_dir: Path, params: FrontendParams,
             hop_frames: int, variant: int = 0, seed: int = 0, beds: list[np.ndarray] | None = None,
-            max_s: float | None = None, embedder: Embedder | None = None) -> Windows:
+            max_s: float | None = None, embedder: Embedder | None = None,
+            room: bool = False) -> Windows:
     """Windows of every clip (cached); see `clip_audio` for `variant`."""
     key_src = json.dumps({"v": FEATURES_VERSION, "files": [c.key for c in clips],
                           "variant": variant, "seed": seed, "hop": hop_frames, "max_s": max_s,
                           "frontend": params.hash(), "yamnet": MODEL_SHA256,
-                          "beds": len(beds or [])}, sort_keys=True)
+                          "beds": len(beds or [])} | ({"room": True} if room else {}),
+                         sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     path = cache_dir / f"windows-{key}.npz"
     if path.is_file():
@@ -119,7 +124,7 @@ def extract(clips: list[Clip], *, yamnet_path: Path, cache_dir: Path, params: Fr
     model = embedder if embedder is not None else Embedder(yamnet_path)
     embs, audiosets, energies, clip_ids, starts = [], [], [], [], []
     for i, clip in enumerate(clips):
-        x = clip_audio(clip, variant=variant, seed=seed, beds=beds or [], max_s=max_s)
+        x = clip_audio(clip, variant=variant, seed=seed, beds=beds or [], max_s=max_s, room=room)
         mel = logmel_of(x, params)
         win = windows_of(mel, hop_frames=hop_frames)
         frame_energy = mel.mean(axis=1)

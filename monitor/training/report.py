@@ -119,6 +119,10 @@ def format_table(m: dict[str, Any]) -> str:
         for snr, by_cls in by_snr.items():
             shares = "  ".join(f"{n} {by_cls.get(n, 0.0):.3f}" for n in EVENT_CLASSES)
             lines.append(f"{name:<12} {snr:>6}  {shares}")
+    lines.append("recall in other rooms and microphones (held-out events played through them)")
+    for chain, by_cls in m.get("recall_in_rooms", {}).items():
+        shares = "  ".join(f"{n} {by_cls.get(n, 0.0):.3f}" for n in EVENT_CLASSES)
+        lines.append(f"{chain:<19} {shares}")
     lat = m["inference_ms_1_thread"]
     lines.append(f"inference per window, 1 thread: median {lat['median']} ms, "
                  f"p99 {lat['p99']} ms")
