@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -55,3 +56,14 @@ def test_readme_module_table_matches_the_tree() -> None:
     folders = {name.rstrip("/") for name in named if name.endswith("/")}
     assert folders == {str(path.parent.relative_to(package))
                        for path in package.rglob("__init__.py") if path.parent != package}
+
+
+def test_readme_use_shows_every_command() -> None:
+    """The README's Use block has a line for every command `audio-monitor --help` lists."""
+    from monitor.cli import _parser
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    use = text[text.index("## Use"):text.index("## How it works")]
+    shown = set(re.findall(r"\$A ([a-z-]+)", use))
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) - shown == set()
