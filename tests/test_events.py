@@ -146,6 +146,16 @@ def test_refractory_time_blocks_a_quick_repeat() -> None:
     assert [t.event_number for _, _, t in within] == [1, 1, 2, 2]
 
 
+def test_hits_inside_the_refractory_time_do_not_confirm_an_event_after_it() -> None:
+    # one long sound whose score dips once (the first event ends there), then stays high
+    # through the 3-window refractory time and falls: its tail must not confirm a second
+    # event, with a low score, the moment the refractory time is over
+    scores = [0.9, 0.9, 0.9, 0.1, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1]
+    got = feed(make(confirm_n=3, confirm_m=5, refractory=3 * STRIDE), scores)
+    assert [(phase, i) for phase, i, _ in got] == [("start", 2), ("end", 3)]
+    assert all(t.peak_score >= 0.5 for _, _, t in got)
+
+
 def test_flush_closes_an_active_event() -> None:
     got = feed(make(), [0.1, 0.9, 0.9])
     assert [(phase, i) for phase, i, _ in got] == [("start", 1), ("end", 3)]

@@ -5,7 +5,8 @@ ends. A class starts an event when ``confirm_n`` of its last ``confirm_m`` score
 reach ``threshold`` (N-of-M confirmation against one-window false alarms) and it
 has lasted ``min_duration`` samples; it ends when the score falls below
 ``release`` (hysteresis, so a score wobbling around the threshold does not flap).
-After an end, the class is quiet for ``refractory`` samples.
+After an end, the class is quiet for ``refractory`` samples: its windows there count as no
+hit, so the tail of the sound that just ended cannot confirm a new event.
 
 Reported times: the onset is placed ``onset_lead`` before the end of the first hit
 window of the confirming set, the offset where the sound left the last window that
@@ -111,7 +112,9 @@ class ClassEventLogic:
     def update(self, score: float, end: int) -> Transition | None:
         """Feed the score of the window ending at sample `end`; returns a transition or None."""
         rule = self.rule
-        hit = score >= rule.threshold
+        # A window inside the refractory period is no hit: hits counted there would confirm
+        # a new event from the tail of the one that just ended once the period is over.
+        hit = score >= rule.threshold and end >= self._quiet_until
         self._hits[self._cursor] = hit
         self._hit_ends[self._cursor] = end
         self._cursor = (self._cursor + 1) % rule.confirm_m
