@@ -177,22 +177,27 @@ def _timing() -> StreamTiming:
     return StreamTiming(hop=160, win=400, stride_frames=10, sample_rate=16000)
 
 
-def test_rule_tuning_prefers_confirmation_that_removes_stream_blips() -> None:
-    # positives: the class scores 0.9 for 5 windows; negatives stay low; the everyday
-    # stream has 3 one-window blips at 0.95 that a plain 1-of-1 rule would report
-    timing = _timing()
-    pos = [np.r_[np.zeros(5), np.full(5, 0.9), np.zeros(5)] for _ in range(10)]
+def _plateaus(level: float, blip: float) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """10 positives scoring `level` for 5 windows, 10 negatives at 0.1, and an everyday
+    stream with 3 one-window blips at `blip`: (clip scores, positive, stream)."""
+    pos = [np.r_[np.zeros(5), np.full(5, level), np.zeros(5)] for _ in range(10)]
     neg = [np.full(15, 0.1) for _ in range(10)]
     stream = np.zeros(300)
-    stream[[50, 150, 250]] = 0.95
-    positive = np.array([True] * 10 + [False] * 10)
-    cand, info = tune_class(pos + neg, positive, stream, timing, target_precision=0.9)
+    stream[[50, 150, 250]] = blip
+    return pos + neg, np.array([True] * 10 + [False] * 10), stream
+
+
+def test_rule_tuning_prefers_confirmation_that_removes_stream_blips() -> None:
+    # the stream's blips at 0.95 are what a plain 1-of-1 rule would report
+    timing = _timing()
+    clips, positive, stream = _plateaus(0.9, 0.95)
+    cand, info = tune_class(clips, positive, stream, timing, target_precision=0.9)
     assert info["recall"] == 1.0 and info["precision"] == 1.0
     assert info["plain_1_of_1"]["stream_false_alarms"] == 3
     assert info["stream_false_alarms"] == 0
     assert cand.confirm_n >= 2 or cand.min_duration_ms > 0
     assert replay(stream, cand.rule(timing.sample_rate), timing) == []
-    assert len(replay(pos[0], cand.rule(timing.sample_rate), timing)) == 1
+    assert len(replay(clips[0], cand.rule(timing.sample_rate), timing)) == 1
 
 
 def test_rule_tuning_keeps_the_threshold_off_both_edges_of_a_tie() -> None:
@@ -200,12 +205,8 @@ def test_rule_tuning_keeps_the_threshold_off_both_edges_of_a_tie() -> None:
     # at 0.8, negatives at 0.1, stream blips at 0.55): the choice must leave 0.1 of room
     # both to the positives and to the stream's blips
     timing = _timing()
-    pos = [np.r_[np.zeros(5), np.full(5, 0.8), np.zeros(5)] for _ in range(10)]
-    neg = [np.full(15, 0.1) for _ in range(10)]
-    stream = np.zeros(300)
-    stream[[50, 150, 250]] = 0.55
-    positive = np.array([True] * 10 + [False] * 10)
-    cand, info = tune_class(pos + neg, positive, stream, timing, target_precision=0.9)
+    clips, positive, stream = _plateaus(0.8, 0.55)
+    cand, info = tune_class(clips, positive, stream, timing, target_precision=0.9)
     assert info["recall"] == 1.0 and info["stream_false_alarms"] == 0
     assert info["stream_near_misses"] == 0
     assert 0.65 < cand.threshold <= 0.70 + 1e-9, cand

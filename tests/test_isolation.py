@@ -16,16 +16,15 @@ import zmq
 from test_alert import Webhook, alert_daemon, sensor, stop
 
 
-class Hang:
-    """An HTTP receiver that accepts connections and never answers (until closed)."""
+class _Receiver:
+    """A TCP server on loopback whose accepted connections go to `_take` (one thread)."""
 
     def __init__(self) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/hook"
-        self.open: list[socket.socket] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
+        self._accepter = threading.Thread(target=self._accept, daemon=True)
+        self._accepter.start()
 
     def _accept(self) -> None:
         self.server.settimeout(0.1)
@@ -34,14 +33,31 @@ class Hang:
                 conn, _ = self.server.accept()
             except TimeoutError:
                 continue
-            self.open.append(conn)  # read nothing, answer nothing
+            self._take(conn)
+
+    def _take(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        self._accepter.join(5)
+        self.server.close()
+
+
+class Hang(_Receiver):
+    """An HTTP receiver that accepts connections and never answers (until closed)."""
+
+    def __init__(self) -> None:
+        self.open: list[socket.socket] = []
+        super().__init__()
+
+    def _take(self, conn: socket.socket) -> None:
+        self.open.append(conn)  # read nothing, answer nothing
+
+    def close(self) -> None:
+        super().close()
         for conn in self.open:
             conn.close()
-        self.server.close()
 
 
 def write_config(tmp: Path, sources: list[dict[str, Any]], actions: list[dict[str, Any]]) -> Path:
@@ -124,34 +140,24 @@ def test_a_mute_catch_up_endpoint_does_not_delay_live_alerts(tmp_path: Path) -> 
     assert max(hook.latency_s) < 1.5, sorted(hook.latency_s)[-5:]
 
 
-class Trickle:
+class Trickle(_Receiver):
     """An HTTP receiver that, for its first `stuck` connections, reads the request and then
     answers one byte every 0.2 s, forever: each read is well inside any socket timeout, so
     only a deadline on the whole exchange ends it. Later connections get 200 at once."""
 
     def __init__(self, *, stuck: int) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/hook"
         self.stuck = stuck
         self.connections = 0
         self.answered: list[str] = []
-        self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._accepter = threading.Thread(target=self._accept, daemon=True)
-        self._accepter.start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        self.server.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.server.accept()
-            except TimeoutError:
-                continue
-            self.connections += 1
-            thread = threading.Thread(target=self._serve,
-                                      args=(conn, self.connections <= self.stuck), daemon=True)
-            thread.start()
-            self._threads.append(thread)
+    def _take(self, conn: socket.socket) -> None:
+        self.connections += 1
+        thread = threading.Thread(target=self._serve,
+                                  args=(conn, self.connections <= self.stuck), daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def _serve(self, conn: socket.socket, stuck: bool) -> None:
         with conn:
@@ -179,11 +185,9 @@ class Trickle:
                 return
 
     def close(self) -> None:
-        self._stop.set()
-        self._accepter.join(5)
+        super().close()
         for thread in self._threads:
             thread.join(5)
-        self.server.close()
 
 
 def test_a_webhook_that_never_finishes_answering_is_abandoned_at_its_deadline(
