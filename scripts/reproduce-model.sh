@@ -2,6 +2,8 @@
 # Retrain the event head from ../shared/data into a scratch folder (no feature cache) and
 # check that it is the shipped one: the composed graph's sha256 (head weights and open-set
 # bounds), the thresholds, the rules and the onset lead in models/events.json.
+# Exit 0: reproduced; 1: differs on the kind of CPU the card says the model was made on
+# (`training.made_on`); 3: differs on another kind of CPU (reported only).
 # Usage: scripts/reproduce-model.sh   (needs requirements-train.txt installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,9 +22,17 @@ import sys
 fresh, shipped = (json.load(open(path, encoding="utf-8")) for path in sys.argv[1:])
 keys = ("sha256", "thresholds", "rules", "onset_lead_ms")
 diff = [k for k in keys if fresh[k] != shipped[k]]
-if diff:
-    for k in diff:
-        print(f"reproduce-model: {k} differs: fresh {fresh[k]!r}, shipped {shipped[k]!r}")
-    sys.exit("reproduce-model: `audio-monitor train` does not reproduce the shipped model")
-print("reproduce-model: the shipped event model is what `audio-monitor train` makes")
+if not diff:
+    print("reproduce-model: the shipped event model is what `audio-monitor train` makes")
+    sys.exit(0)
+for k in diff:
+    print(f"reproduce-model: {k} differs: fresh {fresh[k]!r}, shipped {shipped[k]!r}")
+made_on, here = shipped["training"].get("made_on"), fresh["training"].get("made_on")
+if made_on == here:
+    sys.exit(f"reproduce-model: on the kind of CPU the shipped model was made on ({made_on}), "
+             "`audio-monitor train` does not reproduce it")
+# ONNX Runtime's int8 kernels and the BLAS under the fit differ between CPU kinds.
+print(f"reproduce-model: the shipped model was made on {made_on}, this CPU is {here}: "
+      "a difference here is reported, not failed")
+sys.exit(3)
 PY

@@ -36,6 +36,7 @@ from monitor.training.rules import (
     stream_onset_lead_ms,
     tune_class,
 )
+from monitor.training.train import CROSS_FIT_FOLDS, cross_fit_fold
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -210,6 +211,39 @@ def test_rule_tuning_keeps_the_threshold_off_both_edges_of_a_tie() -> None:
     assert info["recall"] == 1.0 and info["stream_false_alarms"] == 0
     assert info["stream_near_misses"] == 0
     assert 0.65 < cand.threshold <= 0.70 + 1e-9, cand
+
+
+def test_rule_tuning_counts_the_cross_fitted_streams_events() -> None:
+    # the validation stream is silent; a cross-fitted everyday stream has one-window blips at
+    # 0.95 that only a confirmation removes: without that stream any plain rule would do
+    timing = _timing()
+    clips, positive, _ = _plateaus(0.9, 0.0)
+    quiet = np.zeros(300)
+    blips = np.zeros(300)
+    blips[[40, 140, 240]] = 0.95
+    alone, _ = tune_class(clips, positive, quiet, timing, target_precision=0.9)
+    cand, info = tune_class(clips, positive, quiet, timing, target_precision=0.9,
+                            cross_fit_streams=[quiet, blips])
+    assert replay(blips, alone.rule(timing.sample_rate), timing)
+    assert replay(blips, cand.rule(timing.sample_rate), timing) == []
+    assert info["recall"] == 1.0
+    assert info["stream_false_alarms"] == 0 and info["cross_fit_false_alarms"] == 0
+
+
+def test_cross_fit_folds_keep_a_recording_together() -> None:
+    def clip(name: str, source: str) -> Clip:
+        return Clip(path=Path(name), label="x", cls="other", duration_s=5.0, source=source,
+                    license="", split="train", channel="")
+
+    esc = "ESC-50 (karolpiczak)"
+    # takes A and B of one freesound recording share a fold; SAFE keeps its own folds
+    assert cross_fit_fold(clip("4-218199-B-35.flac", esc)) == cross_fit_fold(
+        clip("1-218199-H-35.flac", esc))
+    safe = "SAFE fall-sound dataset"
+    assert [cross_fit_fold(clip(f"0{k}-100-00-001-01.flac", safe)) for k in range(1, 6)] \
+        == [1, 2, 3, 4, 0]
+    folds = {cross_fit_fold(clip(f"bg-{k}.flac", "glass")) for k in range(100)}
+    assert folds == set(range(CROSS_FIT_FOLDS))
 
 
 def test_onset_lead_is_median_first_hit_window_end_minus_true_onset() -> None:

@@ -3,9 +3,10 @@
 Window scores are replayed through the live state machine (`monitor.detect.events`), so a rule
 chosen here behaves exactly as the daemon, `analyze` and `evaluate` will run it. A rule is
 chosen jointly with its threshold: among the candidates that keep validation precision at the
-target and recall at the best plain (1-of-1) recall, the one with the fewest false alarms on a
-continuous validation everyday stream wins; ties go to the higher validation precision, then
-to the fewest near misses on both sides (stream events of the same rule 0.1 lower, plus
+target and recall at the best plain (1-of-1) recall, the one with the fewest false alarms on
+everyday streams wins: a continuous validation stream, and the cross-fitted training streams
+when given (scored by heads that never saw them). Ties go to the higher validation precision,
+then to the fewest near misses on both sides (stream events of the same rule 0.1 lower, plus
 validation events the same rule 0.1 higher would lose), then to the faster rule (fewer windows
 to confirm). Counting both sides keeps a threshold off either edge of a run of thresholds that
 validation cannot tell apart.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,13 +131,23 @@ def _tightened(cand: Candidate) -> Candidate:
                      confirm_m=cand.confirm_m, min_duration_ms=cand.min_duration_ms)
 
 
+def _stream_events(streams: Sequence[np.ndarray], cand: Candidate, timing: StreamTiming) -> int:
+    rule = cand.rule(timing.sample_rate)
+    return sum(len(replay(s, rule, timing)) for s in streams
+               if s.max(initial=0.0) >= cand.threshold)
+
+
 def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_scores: np.ndarray,
                timing: StreamTiming, *, target_precision: float,
-               false_clip_budget: float = 1.0) -> tuple[Candidate,
-                                                                         dict[str, Any]]:
+               false_clip_budget: float = 1.0,
+               cross_fit_streams: Sequence[np.ndarray] = ()) -> tuple[Candidate,
+                                                                      dict[str, Any]]:
     """Best rule for one class (module docstring). `clip_scores`: this class's score sequence
-    of every validation clip; `stream_scores`: its sequence on the everyday stream. A rule
-    that raises the class in more than `false_clip_budget` of the other clips is not kept."""
+    of every validation clip; `stream_scores`: its sequence on the everyday stream;
+    `cross_fit_streams`: its sequences on further everyday streams scored by heads that never
+    saw them (their events count with the stream's). A rule that raises the class in more
+    than `false_clip_budget` of the other clips is not kept."""
+    streams = [stream_scores, *cross_fit_streams]
     n_pos = max(int(positive.sum()), 1)
     n_neg = int((~positive).sum())
     rows = []
@@ -150,7 +162,7 @@ def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_score
             precision = tp / max(tp + fp, 1)
             if precision < target_precision or fp > false_clip_budget * n_neg:
                 continue
-            fa = len(replay(stream_scores, cand.rule(timing.sample_rate), timing))
+            fa = _stream_events(streams, cand, timing)
             rows.append((cand, tp / n_pos, precision, fa))
         if rows and all(r[1] < 1e-9 for r in rows[-10:]):
             break
@@ -160,8 +172,7 @@ def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_score
              and r[0].min_duration_ms == 0.0]
     recall_floor = max((r[1] for r in plain), default=max(r[1] for r in rows))
     ok = [r for r in rows if r[1] >= recall_floor - 1e-9]
-    near = {r[0]: len(replay(stream_scores, _relaxed(r[0]).rule(timing.sample_rate), timing))
-            for r in ok}
+    near = {r[0]: _stream_events(streams, _relaxed(r[0]), timing) for r in ok}
     pos_seqs = [s for s, p in zip(clip_scores, positive, strict=True) if p]
     lost = {r[0]: int(np.sum(_any_event(pos_seqs, r[0], timing)
                              & ~_any_event(pos_seqs, _tightened(r[0]), timing))) for r in ok}
@@ -169,13 +180,16 @@ def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_score
                                   r[0].min_duration_ms, -r[0].threshold))
     cand, recall, precision, fa = best
     base = max(plain, key=lambda r: (r[1], r[2])) if plain else best
+    on_stream = _stream_events([stream_scores], cand, timing)
     return cand, {"threshold": cand.threshold, "precision": round(precision, 4),
-                  "recall": round(recall, 4), "stream_false_alarms": fa,
+                  "recall": round(recall, 4), "stream_false_alarms": on_stream,
+                  "cross_fit_false_alarms": fa - on_stream,
                   "stream_near_misses": near[cand],
                   "plain_1_of_1": {"threshold": base[0].threshold,
                                    "precision": round(base[2], 4),
                                    "recall": round(base[1], 4),
-                                   "stream_false_alarms": base[3]}}
+                                   "stream_false_alarms": _stream_events(
+                                       [stream_scores], base[0], timing)}}
 
 
 def onset_lead_ms(clip_scores: list[np.ndarray], true_onsets: list[int],

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import logging
+import platform
 import sys
 import time
 from pathlib import Path
@@ -81,9 +82,9 @@ from monitor.training.rules import (
 logger = logging.getLogger(__name__)
 
 N_AUGMENTED = 4
+"""Augmented copies of every training event clip, for the open-set gate's bounds."""
 ROOM_COPIES = 1
 """Reverberated copies of every training clip the head learns from besides the clean one."""
-"""Augmented copies of every training clip, besides the clean one."""
 TRAIN_HOP_FRAMES = 24
 EVAL_HOP_FRAMES = 10
 """Validation windows start every 10 frames (100 ms), as the daemon's default stride."""
@@ -95,6 +96,10 @@ BED_SOURCES = ("safe", "glass-edge-impulse", "esc50")
 """Training `other` clips that serve as background beds for augmentation: room and everyday
 recordings. Speech is left out: at 0 dB SNR the loudest windows of a cough clip could be
 speech, and the head would learn speech as cough; synthetic tones are not rooms."""
+CROSS_FIT_FOLDS = 5
+"""Folds of the training everyday clips (BED_SOURCES) for the cross-fitted streams: each fold
+is scored by a head fitted without it, so the rule search sees how the head treats everyday
+recordings it never learnt, 4-5 x more of them than validation holds."""
 
 
 def _load_beds(clips: list[Clip]) -> list[np.ndarray]:
@@ -110,6 +115,66 @@ def _joined(parts: list[Windows], n_clips: int) -> Windows:
                    np.concatenate([p.energy for p in parts]),
                    np.concatenate([p.clip + k * n_clips for k, p in enumerate(parts)]),
                    np.concatenate([p.start for p in parts]))
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+"""CPU features that choose ONNX Runtime's int8 and BLAS kernels, hence the head's last bits."""
+
+
+def cpu_kind() -> dict[str, Any]:
+    """The CPU a model was made on: model name and the CPU_FLAGS it has (Linux
+    /proc/cpuinfo; `platform.processor()` and no flags elsewhere). The same model from the
+    same data is expected bit for bit only on the same kind."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {"cpu": platform.processor() or platform.machine(), "flags": []}
+    fields = dict(line.split(":", 1) for line in info.splitlines()[:64] if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu": fields.get("model name", platform.machine()),
+            "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def cross_fit_fold(clip: Clip) -> int:
+    """Fold (0..CROSS_FIT_FOLDS-1) of a training clip, by recording: SAFE by its own fold (the
+    file name's first field), ESC-50 by freesound source id, other clips by file name."""
+    name = clip.path.name
+    if clip.source_key == "safe":
+        return int(name.split("-")[0]) % CROSS_FIT_FOLDS
+    key = "esc50-" + name.split("-")[1] if clip.source_key == "esc50" else name
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % CROSS_FIT_FOLDS
+
+
+def _everyday(clips: list[Clip]) -> np.ndarray:
+    """(n_clips,) True for the everyday recordings among `clips`: `other` clips of
+    BED_SOURCES."""
+    return np.array([c.cls == "other" and c.source_key in BED_SOURCES for c in clips])
+
+
+def _cross_fit_streams(own: Windows, own_cls: np.ndarray, sel: np.ndarray,
+                       train_clips: list[Clip], head: dict[str, np.ndarray], *,
+                       temperature: float, params: Any, embedder: Embedder,
+                       seed: int) -> tuple[list[np.ndarray], float]:
+    """(scores (n, C) of each fold's everyday stream under a head fitted on the final window
+    picks `sel` less that fold's clips, with `head`'s temperature and gate; hours in all)."""
+    n = len(train_clips)
+    fold = np.where(_everyday(train_clips), [cross_fit_fold(c) for c in train_clips], -1)
+    streams, samples = [], 0
+    for f in range(CROSS_FIT_FOLDS):
+        members = [c for c, k in zip(train_clips, fold, strict=True) if k == f]
+        if not members:
+            continue
+        keep = sel[fold[own.clip[sel] % n] != f]
+        fitted = head_to_arrays(fit_head(own.emb[keep], own_cls[own.clip[keep]], seed=seed))
+        fold_head = {"w1": fitted["w1"] / np.float32(temperature),
+                     "b1": fitted["b1"] / np.float32(temperature), "veto": head["veto"]}
+        x = np.concatenate([clip_waveform(c) for c in members])
+        samples += x.shape[0]
+        streams.append(head_probs(fold_head, *embed_signal(x, params=params,
+                                                           hop_frames=EVAL_HOP_FRAMES,
+                                                           embedder=embedder)))
+    return streams, samples / SAMPLE_RATE / 3600.0
 
 
 def train(data_dir: Path, models_dir: Path, *, seed: int = 0,
@@ -179,8 +244,16 @@ def train(data_dir: Path, models_dir: Path, *, seed: int = 0,
         val_metrics[name] = {"threshold": t, "precision": round(tp / max(tp + fp, 1), 4),
                              "recall": round(tp / max(int(positive.sum()), 1), 4),
                              "clips": int(positive.sum())}
+    t1 = time.perf_counter()
+    cross_fit, cross_fit_hours = _cross_fit_streams(own, own_cls, sel, train_clips, head,
+                                                    temperature=temperature, params=params,
+                                                    embedder=embedder, seed=seed)
+    logger.info("cross-fitted everyday streams: %.3f h in %d folds, %.1f s", cross_fit_hours,
+                len(cross_fit), time.perf_counter() - t1)
     rules, lead_ms, stream_hours = _tune_rules(head, val, val_clips, val_cls, params=params,
-                                               embedder=embedder, validation=val_metrics)
+                                               embedder=embedder, validation=val_metrics,
+                                               cross_fit=cross_fit,
+                                               cross_fit_hours=cross_fit_hours)
     thresholds = {name: val_metrics[name]["threshold"] for name in EVENT_CLASSES}
     peaks = validation_peaks(val_probs, val.clip, val_cls, rules)
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +263,8 @@ def train(data_dir: Path, models_dir: Path, *, seed: int = 0,
     card = build_card(params_dict=params.to_dict() | {"hash": params.hash()}, sha256=sha,
                       thresholds=thresholds, clips=clips, seed=seed, windows=int(sel.size),
                       validation=val_metrics, temperature=temperature, rules=rules,
-                      onset_lead_ms=lead_ms, val_stream_hours=stream_hours, peaks=peaks)
+                      onset_lead_ms=lead_ms, val_stream_hours=stream_hours,
+                      cross_fit_hours=cross_fit_hours, peaks=peaks)
     write_card(models_dir / CARD_FILE, card)
     elapsed = time.perf_counter() - t0
     logger.info("training took %.1f s (features %.1f s)", elapsed, t_feat)
@@ -224,11 +298,12 @@ def validation_peaks(probs: np.ndarray, clip: np.ndarray, clip_cls: np.ndarray,
 
 def _tune_rules(head: dict[str, np.ndarray], val: Windows, val_clips: list[Clip],
                 val_cls: np.ndarray, *, params: Any, embedder: Embedder,
-                validation: dict[str, Any]) -> tuple[dict[str, dict[str, float]], float, float]:
-    """Per-class rules and thresholds (`monitor.training.rules`) on validation clips and a
-    validation everyday stream (every validation `other` clip joined), then the onset
-    lead at the chosen thresholds. Updates `validation` in place; returns (rules, onset lead
-    ms, stream hours)."""
+                validation: dict[str, Any], cross_fit: list[np.ndarray],
+                cross_fit_hours: float) -> tuple[dict[str, dict[str, float]], float, float]:
+    """Per-class rules and thresholds (`monitor.training.rules`) on validation clips, a
+    validation everyday stream (every validation `other` clip joined) and the cross-fitted
+    training everyday streams, then the onset lead at the chosen thresholds. Updates
+    `validation` in place; returns (rules, onset lead ms, stream hours)."""
     probs = head_probs(head, val.emb, val.audioset)
     seqs = np.split(probs, np.flatnonzero(np.diff(val.clip)) + 1)
     if len(seqs) != len(val_clips):
@@ -244,10 +319,12 @@ def _tune_rules(head: dict[str, np.ndarray], val: Windows, val_clips: list[Clip]
     for c, name in enumerate(EVENT_CLASSES):
         cand, info = tune_class([s[:, c] for s in seqs], val_cls == c, stream_probs[:, c],
                                 timing, target_precision=TARGET_PRECISION,
-                                false_clip_budget=FALSE_CLIP_BUDGET)
+                                false_clip_budget=FALSE_CLIP_BUDGET,
+                                cross_fit_streams=[s[:, c] for s in cross_fit])
         rules[name] = cand.card_rule()
         validation[name] = info | {"clips": int(np.sum(val_cls == c)),
-                                   "stream_hours": round(hours, 4)}
+                                   "stream_hours": round(hours, 4),
+                                   "cross_fit_hours": round(cross_fit_hours, 4)}
         logger.info("%s: rule %s, validation %s", name, cand, info)
     event_idx = [i for i, c in enumerate(val_clips) if c.cls in EVENT_CLASSES]
     pad = PAD_S * SAMPLE_RATE
@@ -281,7 +358,8 @@ def build_card(*, params_dict: dict[str, Any], sha256: str, thresholds: dict[str
                clips: list[Clip], seed: int, windows: int,
                validation: dict[str, Any], temperature: float,
                rules: dict[str, dict[str, float]], onset_lead_ms: float,
-               val_stream_hours: float, peaks: dict[str, list[float]]) -> dict[str, Any]:
+               val_stream_hours: float, cross_fit_hours: float,
+               peaks: dict[str, list[float]]) -> dict[str, Any]:
     """Model card, schema 1 (as `monitor.detect.detector.read_card` reads it) plus training
     facts."""
     sources: dict[tuple[str, str], dict[str, Any]] = {}
@@ -325,6 +403,7 @@ def build_card(*, params_dict: dict[str, Any], sha256: str, thresholds: dict[str
         "training": {
             "head_file": HEAD_FILE,
             "seed": seed,
+            "made_on": cpu_kind(),
             "splits": ("SAFE by fold: 1-5 train, 6 validation, 7-8 test; RAVDESS by actor "
                        "(01-06 train, 07-08 validation, 09-12 test); FSDD by speaker "
                        "(george, lucas, yweweler train; nicolas validation; jackson, theo "
@@ -362,7 +441,11 @@ def build_card(*, params_dict: dict[str, Any], sha256: str, thresholds: dict[str
                                 f"{TARGET_PRECISION}, recall >= the best plain 1-of-1 rule's, "
                                 "then fewest false alarms on the validation everyday stream "
                                 f"({val_stream_hours:.4f} h: every validation `other` clip "
-                                "joined), then fewest near misses, then fastest"),
+                                "joined) and the cross-fitted training everyday streams "
+                                f"({cross_fit_hours:.4f} h: the training clips of "
+                                f"{', '.join(BED_SOURCES)} in {CROSS_FIT_FOLDS} folds by "
+                                "recording, each scored by a head fitted without its fold), "
+                                "then fewest near misses, then fastest"),
             "onset_lead_from": ("every validation event clip added into the validation "
                                 f"everyday stream, one per {ONSET_GAP_S:g} s: median of (end "
                                 "of the first hit window of the event the card rule raises) "
