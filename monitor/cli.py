@@ -179,6 +179,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--models-dir", type=Path, default=MODELS_DIR)
     evaluate.add_argument("--report", type=Path, default=Path("report"),
                           help="folder for the HTML/PNG report")
+    evaluate.add_argument("--split", choices=("test", "val"), default="test",
+                          help="test (default; written to the card) or val: the same figures "
+                               "on the validation split, for choosing between models without "
+                               "the test split (report folder only)")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     from monitor.service.systemd import add_install_service
@@ -325,7 +329,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from monitor.training.evaluate import evaluate_command
 
     _log_progress()
-    return evaluate_command(args.data, args.models_dir, args.report)
+    return evaluate_command(args.data, args.models_dir, args.report, split=args.split)
 
 
 def _log_progress() -> None:

@@ -93,7 +93,8 @@ def write_report(ev: Evaluation, report_dir: Path, *, params: Any) -> list[Path]
 
 def format_table(m: dict[str, Any]) -> str:
     """The headline numbers as fixed-width tables."""
-    lines = ["class        clips  prec   recall  F1     onset med/p90 s  (detected)"]
+    lines = [f"split: {m['split']}",
+             "class        clips  prec   recall  F1     onset med/p90 s  (detected)"]
     for name in EVENT_CLASSES:
         c, o = m["clip_level"][name], m["onset"][name]
         med, p90 = o["median_abs_s"], o["p90_abs_s"]
