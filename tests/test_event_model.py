@@ -36,7 +36,7 @@ from monitor.training.rules import (
     stream_onset_lead_ms,
     tune_class,
 )
-from monitor.training.train import CROSS_FIT_FOLDS, cross_fit_fold
+from monitor.training.train import CROSS_FIT_FOLDS, cpu_kind, cross_fit_fold
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -228,6 +228,67 @@ def test_rule_tuning_counts_the_cross_fitted_streams_events() -> None:
     assert replay(blips, cand.rule(timing.sample_rate), timing) == []
     assert info["recall"] == 1.0
     assert info["stream_false_alarms"] == 0 and info["cross_fit_false_alarms"] == 0
+    # an everyday plateau no rule can tell from an event is counted on each stream apart
+    plateau = np.zeros(300)
+    plateau[100:106] = 0.95
+    twice = np.zeros(600)
+    twice[[100, 101, 102, 103, 104, 105, 400, 401, 402, 403, 404, 405]] = 0.95
+    _, info = tune_class(clips, positive, plateau, timing, target_precision=0.9,
+                         cross_fit_streams=[twice, blips])
+    assert info["stream_false_alarms"] == 1 and info["cross_fit_false_alarms"] == 2
+
+
+def test_cross_fit_heads_never_fit_their_own_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each fold's head is fitted on every picked window but those of the fold's everyday
+    clips, in every copy; events, speech and the other folds stay in."""
+    import monitor.training.train as train_module
+
+    sources = ["SAFE fall-sound dataset", "ESC-50 (karolpiczak)", "RAVDESS speech"]
+    clips = [Clip(path=Path(f"0{1 + k % 5}-{k:04d}-00-00{k % 7}-A-1.flac"), label="x",
+                  cls="fall" if k % 6 == 0 else "other", duration_s=1.0 + k % 3,
+                  source=sources[k % 3], license="", split="train", channel="")
+             for k in range(30)]
+    n = len(clips)
+    clip_ids = np.repeat(np.arange(2 * n), 3)  # a clean and a reverberated copy, 3 windows each
+    emb = np.zeros((clip_ids.size, 1024), np.float32)
+    emb[:, 0] = clip_ids % n  # the fit sees which clip a window came from
+    own = Windows(emb, np.zeros((clip_ids.size, 521), np.float32),
+                  np.zeros(clip_ids.size, np.float32), clip_ids, np.zeros(clip_ids.size, np.int32))
+    sel = np.arange(clip_ids.size)
+    fitted: list[set[int]] = []
+    monkeypatch.setattr(train_module, "fit_head",
+                        lambda x, y, seed: fitted.append(set(x[:, 0].astype(int).tolist())))
+    monkeypatch.setattr(train_module, "head_to_arrays",
+                        lambda pipe: {"w1": np.zeros((1024, 4), np.float32),
+                                      "b1": np.zeros(4, np.float32)})
+    monkeypatch.setattr(train_module, "clip_waveform",
+                        lambda c: np.zeros(round(c.duration_s * 16000), np.float32))
+    monkeypatch.setattr(train_module, "embed_signal",
+                        lambda x, **kw: (np.zeros((x.size // 1600, 1024), np.float32),
+                                         np.zeros((x.size // 1600, 521), np.float32)))
+    head = {"w1": np.zeros((1024, 4), np.float32), "b1": np.zeros(4, np.float32),
+            "veto": np.ones((4, 521), np.float32)}
+    streams, hours = train_module._cross_fit_streams(
+        own, np.tile([CLASSES.index(c.cls) for c in clips], 2), sel, clips, head,
+        temperature=1.0, params=None, embedder=None, seed=0)
+    everyday = [i for i, c in enumerate(clips) if c.cls == "other"
+                and c.source_key in train_module.BED_SOURCES]
+    folds = {f: {i for i in everyday if cross_fit_fold(clips[i]) == f} for f in range(5)}
+    assert len(fitted) == len(streams) == sum(1 for f in folds.values() if f)
+    for kept, left_out in zip(fitted, [f for f in folds.values() if f], strict=True):
+        assert kept == set(range(n)) - left_out
+    assert hours == pytest.approx(sum(clips[i].duration_s for i in everyday) / 3600)
+    assert sum(s.shape[0] for s in streams) == sum(round(clips[i].duration_s * 10)
+                                                   for i in everyday)
+
+
+def test_cpu_kind_reads_the_first_processor_and_cannot_tell_arm() -> None:
+    x86 = ("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_vnni\n\n"
+           "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
+    assert cpu_kind(x86) == {"cpu": "AMD EPYC", "flags": ["avx2", "avx512f", "avx512_vnni"]}
+    arm = "processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd\nCPU part\t: 0xd0c\n"
+    assert cpu_kind(arm) == {"cpu": None, "flags": []}
+    assert cpu_kind("") == {"cpu": None, "flags": []}
 
 
 def test_cross_fit_folds_keep_a_recording_together() -> None:

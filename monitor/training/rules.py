@@ -5,11 +5,11 @@ chosen here behaves exactly as the daemon, `analyze` and `evaluate` will run it.
 chosen jointly with its threshold: among the candidates that keep validation precision at the
 target and recall at the best plain (1-of-1) recall, the one with the fewest false alarms on
 everyday streams wins: a continuous validation stream, and the cross-fitted training streams
-when given (scored by heads that never saw them). Ties go to the higher validation precision,
-then to the fewest near misses on both sides (stream events of the same rule 0.1 lower, plus
-validation events the same rule 0.1 higher would lose), then to the faster rule (fewer windows
-to confirm). Counting both sides keeps a threshold off either edge of a run of thresholds that
-validation cannot tell apart.
+when given (scored by heads whose weights were fitted without them). Ties go to the higher
+validation precision, then to the fewest near misses on both sides (stream events of the same
+rule 0.1 lower, plus validation events the same rule 0.1 higher would lose), then to the
+faster rule (fewer windows to confirm). Counting both sides keeps a threshold off either edge
+of a run of thresholds that validation cannot tell apart.
 """
 
 from __future__ import annotations
@@ -144,8 +144,9 @@ def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_score
                                                                       dict[str, Any]]:
     """Best rule for one class (module docstring). `clip_scores`: this class's score sequence
     of every validation clip; `stream_scores`: its sequence on the everyday stream;
-    `cross_fit_streams`: its sequences on further everyday streams scored by heads that never
-    saw them (their events count with the stream's). A rule that raises the class in more
+    `cross_fit_streams`: its sequences on further everyday streams scored by heads whose
+    weights were fitted without them (their events and near misses count with the stream's;
+    the info reports each apart). A rule that raises the class in more
     than `false_clip_budget` of the other clips is not kept."""
     streams = [stream_scores, *cross_fit_streams]
     n_pos = max(int(positive.sum()), 1)
@@ -172,11 +173,11 @@ def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_score
              and r[0].min_duration_ms == 0.0]
     recall_floor = max((r[1] for r in plain), default=max(r[1] for r in rows))
     ok = [r for r in rows if r[1] >= recall_floor - 1e-9]
-    near = {r[0]: _stream_events(streams, _relaxed(r[0]), timing) for r in ok}
+    near = {r[0]: [_stream_events([s], _relaxed(r[0]), timing) for s in streams] for r in ok}
     pos_seqs = [s for s, p in zip(clip_scores, positive, strict=True) if p]
     lost = {r[0]: int(np.sum(_any_event(pos_seqs, r[0], timing)
                              & ~_any_event(pos_seqs, _tightened(r[0]), timing))) for r in ok}
-    best = min(ok, key=lambda r: (r[3], -r[2], near[r[0]] + lost[r[0]], r[0].confirm_m,
+    best = min(ok, key=lambda r: (r[3], -r[2], sum(near[r[0]]) + lost[r[0]], r[0].confirm_m,
                                   r[0].min_duration_ms, -r[0].threshold))
     cand, recall, precision, fa = best
     base = max(plain, key=lambda r: (r[1], r[2])) if plain else best
@@ -184,7 +185,8 @@ def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_score
     return cand, {"threshold": cand.threshold, "precision": round(precision, 4),
                   "recall": round(recall, 4), "stream_false_alarms": on_stream,
                   "cross_fit_false_alarms": fa - on_stream,
-                  "stream_near_misses": near[cand],
+                  "stream_near_misses": near[cand][0],
+                  "cross_fit_near_misses": sum(near[cand][1:]),
                   "plain_1_of_1": {"threshold": base[0].threshold,
                                    "precision": round(base[2], 4),
                                    "recall": round(base[1], 4),

@@ -13,7 +13,6 @@ import hashlib
 import itertools
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -98,8 +97,9 @@ recordings. Speech is left out: at 0 dB SNR the loudest windows of a cough clip 
 speech, and the head would learn speech as cough; synthetic tones are not rooms."""
 CROSS_FIT_FOLDS = 5
 """Folds of the training everyday clips (BED_SOURCES) for the cross-fitted streams: each fold
-is scored by a head fitted without it, so the rule search sees how the head treats everyday
-recordings it never learnt, 4-5 x more of them than validation holds."""
+is scored by head weights fitted without it, so the rule search sees how the head treats
+everyday recordings it did not learn from, 5x more of them than validation holds (the gate's
+bounds and the window picks still saw them: the estimate errs high)."""
 
 
 def _load_beds(clips: list[Clip]) -> list[np.ndarray]:
@@ -117,23 +117,29 @@ def _joined(parts: list[Windows], n_clips: int) -> Windows:
                    np.concatenate([p.start for p in parts]))
 
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-"""CPU features that choose ONNX Runtime's int8 and BLAS kernels, hence the head's last bits."""
+CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "avx_vnni", "amx_int8")
+"""x86 features that choose ONNX Runtime's int8 and the BLAS's kernels, hence a head's last
+bits."""
 
 
-def cpu_kind() -> dict[str, Any]:
-    """The CPU a model was made on: model name and the CPU_FLAGS it has (Linux
-    /proc/cpuinfo; `platform.processor()` and no flags elsewhere). The same model from the
-    same data is expected bit for bit only on the same kind."""
-    try:
-        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return {"cpu": platform.processor() or platform.machine(), "flags": []}
-    fields = dict(line.split(":", 1) for line in info.splitlines()[:64] if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("flags", "").split())
-    return {"cpu": fields.get("model name", platform.machine()),
-            "flags": [f for f in CPU_FLAGS if f in flags]}
+def cpu_kind(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The CPU a model is made on: the first processor's model name and the CPU_FLAGS it has,
+    from `cpuinfo` (default: Linux /proc/cpuinfo). The same model from the same data is
+    expected bit for bit only on the same kind. `cpu` is None where the kind cannot be told
+    (no /proc/cpuinfo, no model name or flags, e.g. ARM): no two such machines are one kind."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            cpuinfo = ""
+    first = cpuinfo.strip().split("\n\n", 1)[0]
+    fields = {k.strip(): v.strip() for k, v in
+              (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    if "model name" not in fields or "flags" not in fields:
+        return {"cpu": None, "flags": []}
+    flags = set(fields["flags"].split())
+    return {"cpu": fields["model name"], "flags": [f for f in CPU_FLAGS if f in flags]}
 
 
 def cross_fit_fold(clip: Clip) -> int:
@@ -444,7 +450,8 @@ def build_card(*, params_dict: dict[str, Any], sha256: str, thresholds: dict[str
                                 "joined) and the cross-fitted training everyday streams "
                                 f"({cross_fit_hours:.4f} h: the training clips of "
                                 f"{', '.join(BED_SOURCES)} in {CROSS_FIT_FOLDS} folds by "
-                                "recording, each scored by a head fitted without its fold), "
+                                "recording, each scored by head weights fitted without its "
+                                "fold), "
                                 "then fewest near misses, then fastest"),
             "onset_lead_from": ("every validation event clip added into the validation "
                                 f"everyday stream, one per {ONSET_GAP_S:g} s: median of (end "
