@@ -104,13 +104,23 @@ def extra_split_of(rel_path: str) -> str:
             if speaker in names:
                 return split
         raise SourceError(f"{rel_path}: speaker {speaker!r} has no split in SPEAKER_SPLITS")
-    if parts[0] == "esc50":  # {fold}-{freesound id}-{take}-{class}.wav: one recording, one split
-        return _hashed_split("esc50-" + parts[-1].split("-")[1])
-    return _hashed_split(parts[-1])
+    return _hashed_split(recording_key(parts[-1], esc50=parts[0] == "esc50"))
+
+
+def recording_key(file_name: str, *, esc50: bool) -> str:
+    """What keeps clips of one recording together: an ESC-50 file name is
+    {fold}-{freesound id}-{take}-{class}.wav, and every take of a freesound id is one
+    recording; any other file is its own."""
+    return "esc50-" + file_name.split("-")[1] if esc50 else file_name
+
+
+def hashed_bucket(key: str, buckets: int) -> int:
+    """A stable bucket (0..buckets-1) of a key: the same on every machine."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % buckets
 
 
 def _hashed_split(key: str) -> str:
-    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 10
+    bucket = hashed_bucket(key, 10)
     return "test" if bucket < 2 else "val" if bucket == 2 else "train"
 
 
@@ -288,7 +298,12 @@ def augment(x: np.ndarray, *, rng: np.random.Generator, beds: list[np.ndarray],
     if noise_level > 1e-6:
         y = y + noise * (level / noise_level * 10.0 ** (-snr_db / 20.0))
     y *= 10.0 ** (rng.uniform(-20.0, 6.0) / 20.0)
+    return limit_peak(y).astype(np.float32)
+
+
+def limit_peak(y: np.ndarray, ceiling: float = 0.99) -> np.ndarray:
+    """`y` scaled in place so that its peak is at most `ceiling` (full scale is 1.0)."""
     peak = float(np.max(np.abs(y))) if y.size else 0.0
-    if peak > 0.99:
-        y *= 0.99 / peak
-    return y.astype(np.float32)
+    if peak > ceiling:
+        y *= ceiling / peak
+    return y

@@ -106,22 +106,22 @@ def evaluate(data_dir: Path, models_dir: Path, *, cache_dir: Path | None = None,
     detector = Detector(model_path, threads=1)
     params = detector.card.frontend
     clips = read_clips(data_dir)
-    test = [c for c in clips if c.split == split]
-    test_cls = class_index(test)
+    held = [c for c in clips if c.split == split]
+    held_cls = class_index(held)
     cache = cache_dir if cache_dir is not None else models_dir.parent / ".cache" / "events"
 
-    windows = extract(test, yamnet_path=models_dir / MODEL_FILE, cache_dir=cache, params=params,
+    windows = extract(held, yamnet_path=models_dir / MODEL_FILE, cache_dir=cache, params=params,
                       hop_frames=EVAL_HOP_FRAMES)
     scores = clip_max(head_probs(head_arrays(models_dir / HEAD_FILE), windows.emb,
-                                 windows.audioset), windows.clip, len(test))
+                                 windows.audioset), windows.clip, len(held))
 
-    logger.info("judging %d %s clips through the live chain", len(test), split)
+    logger.info("judging %d %s clips through the live chain", len(held), split)
     t0 = time.perf_counter()
     confusion = np.zeros((len(CLASSES), len(CLASSES) + 1), np.int64)
     found: list[set[str]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        for clip, c in zip(test, test_cls, strict=True):
+        for clip, c in zip(held, held_cls, strict=True):
             # Each recorded clip as the user has it (no padding: the chain judges the edges).
             if clip.synth is None:
                 events, error = analyze_file(clip.path, config=config, detector=detector)
@@ -136,14 +136,14 @@ def evaluate(data_dir: Path, models_dir: Path, *, cache_dir: Path | None = None,
         clip_metrics = {}
         for k, name in enumerate(EVENT_CLASSES):
             hit = np.array([name in f for f in found])
-            positive = test_cls == k
+            positive = held_cls == k
             clip_metrics[name] = _prf(int(np.sum(hit & positive)), int(np.sum(hit & ~positive)),
                                       int(np.sum(~hit & positive)))
             clip_metrics[name]["clips"] = int(positive.sum())
-        per_source = _per_source(test, found)
+        per_source = _per_source(held, found)
         t_clips = time.perf_counter() - t0
 
-        streams = heldout_streams(test)
+        streams = heldout_streams(held)
         logger.info("false alarms on %s streams: %s", split, ", ".join(streams))
         fa = {name: stream_false_alarms(detector, config, audio, tmp, label=name)
               for name, audio in streams.items()}
@@ -151,7 +151,7 @@ def evaluate(data_dir: Path, models_dir: Path, *, cache_dir: Path | None = None,
         fa["everyday"]["augmented"] = augmented_false_alarms(detector, config, everyday, tmp)
         fa["total"] = total_false_alarms(fa)
 
-        positives = [c for c in test if c.cls != "other"]
+        positives = [c for c in held if c.cls != "other"]
         logger.info("recall with a background: %d events x %d backgrounds x 2 levels",
                     len(positives), len(BACKGROUNDS))
         background = recall_in_background(
@@ -160,7 +160,7 @@ def evaluate(data_dir: Path, models_dir: Path, *, cache_dir: Path | None = None,
                     len(positives), len(ROOM_CHAINS))
         rooms = recall_in_rooms(detector, config, positives, tmp)
 
-        stream, onsets = onset_stream(test, everyday)
+        stream, onsets = onset_stream(held, everyday)
         stream_events = run_chain(detector, config, stream, tmp)
     onset = onset_errors(onsets, stream_events)
 
@@ -178,7 +178,7 @@ def evaluate(data_dir: Path, models_dir: Path, *, cache_dir: Path | None = None,
         "inference_ms_1_thread": latency,
         "analyze_seconds": round(t_clips, 1),
     }
-    return Evaluation(metrics, scores, test_cls, confusion, stream, stream_events,
+    return Evaluation(metrics, scores, held_cls, confusion, stream, stream_events,
                       onsets)
 
 

@@ -131,10 +131,13 @@ def _tightened(cand: Candidate) -> Candidate:
                      confirm_m=cand.confirm_m, min_duration_ms=cand.min_duration_ms)
 
 
-def _stream_events(streams: Sequence[np.ndarray], cand: Candidate, timing: StreamTiming) -> int:
+def _stream_events(streams: Sequence[np.ndarray], cand: Candidate,
+                   timing: StreamTiming) -> list[int]:
+    """Events the candidate raises on each stream (a stream never reaching the threshold has
+    none, without a replay)."""
     rule = cand.rule(timing.sample_rate)
-    return sum(len(replay(s, rule, timing)) for s in streams
-               if s.max(initial=0.0) >= cand.threshold)
+    return [len(replay(s, rule, timing)) if s.max(initial=0.0) >= cand.threshold else 0
+            for s in streams]
 
 
 def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_scores: np.ndarray,
@@ -163,8 +166,7 @@ def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_score
             precision = tp / max(tp + fp, 1)
             if precision < target_precision or fp > false_clip_budget * n_neg:
                 continue
-            fa = _stream_events(streams, cand, timing)
-            rows.append((cand, tp / n_pos, precision, fa))
+            rows.append((cand, tp / n_pos, precision, _stream_events(streams, cand, timing)))
         if rows and all(r[1] < 1e-9 for r in rows[-10:]):
             break
     if not rows:
@@ -173,25 +175,24 @@ def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_score
              and r[0].min_duration_ms == 0.0]
     recall_floor = max((r[1] for r in plain), default=max(r[1] for r in rows))
     ok = [r for r in rows if r[1] >= recall_floor - 1e-9]
-    near = {r[0]: [_stream_events([s], _relaxed(r[0]), timing) for s in streams] for r in ok}
+    near = {r[0]: _stream_events(streams, _relaxed(r[0]), timing) for r in ok}
     pos_seqs = [s for s, p in zip(clip_scores, positive, strict=True) if p]
     lost = {r[0]: int(np.sum(_any_event(pos_seqs, r[0], timing)
                              & ~_any_event(pos_seqs, _tightened(r[0]), timing))) for r in ok}
-    best = min(ok, key=lambda r: (r[3], -r[2], sum(near[r[0]]) + lost[r[0]], r[0].confirm_m,
+    best = min(ok, key=lambda r: (sum(r[3]), -r[2], sum(near[r[0]]) + lost[r[0]],
+                                  r[0].confirm_m,
                                   r[0].min_duration_ms, -r[0].threshold))
     cand, recall, precision, fa = best
     base = max(plain, key=lambda r: (r[1], r[2])) if plain else best
-    on_stream = _stream_events([stream_scores], cand, timing)
     return cand, {"threshold": cand.threshold, "precision": round(precision, 4),
-                  "recall": round(recall, 4), "stream_false_alarms": on_stream,
-                  "cross_fit_false_alarms": fa - on_stream,
+                  "recall": round(recall, 4), "stream_false_alarms": fa[0],
+                  "cross_fit_false_alarms": sum(fa[1:]),
                   "stream_near_misses": near[cand][0],
                   "cross_fit_near_misses": sum(near[cand][1:]),
                   "plain_1_of_1": {"threshold": base[0].threshold,
                                    "precision": round(base[2], 4),
                                    "recall": round(base[1], 4),
-                                   "stream_false_alarms": _stream_events(
-                                       [stream_scores], base[0], timing)}}
+                                   "stream_false_alarms": base[3][0]}}
 
 
 def onset_lead_ms(clip_scores: list[np.ndarray], true_onsets: list[int],

@@ -26,6 +26,7 @@ from monitor.training.dataset import (
     active_rms,
     augment,
     clip_waveform,
+    limit_peak,
     mixed_stream,
     phone_band,
     reverberate,
@@ -230,10 +231,7 @@ def recall_in_background(detector: Detector, config: Any, positives: list[Clip],
                 piece = bed[start:start + n].astype(np.float64)
                 y = piece * (level / rms(piece) * 10.0 ** (-snr / 20.0))
                 y[margin:margin + len(x)] += x
-                peak = float(np.max(np.abs(y)))
-                if peak > 0.99:
-                    y *= 0.99 / peak
-                events = run_chain(detector, config, y.astype(np.float32), tmp)
+                events = run_chain(detector, config, limit_peak(y).astype(np.float32), tmp)
                 hit = any(e.label == clip.cls for e in events)
                 found.setdefault(name, {}).setdefault(f"{snr:g} dB", {}).setdefault(
                     clip.cls, []).append(hit)
@@ -251,9 +249,7 @@ def _room_chain(x: np.ndarray, chain: str, seed: int) -> np.ndarray:
         return phone_band(x.astype(np.float32))
     if chain == "full chain":
         return augment(x, rng=rng, beds=[], phone_p=0.4)  # limits its own peak
-    y = reverberate(x.astype(np.float32), rng)
-    peak = float(np.max(np.abs(y))) if y.size else 0.0
-    return (y * (0.99 / peak) if peak > 0.99 else y).astype(np.float32)
+    return limit_peak(reverberate(x.astype(np.float32), rng))
 
 
 def recall_in_rooms(detector: Detector, config: Any, positives: list[Clip],

@@ -40,9 +40,11 @@ from monitor.training.dataset import (
     SYNTH_S,
     Clip,
     clip_waveform,
+    hashed_bucket,
     load_audio,
     mixed_stream,
     read_clips,
+    recording_key,
     true_onset_s,
 )
 from monitor.training.features import (
@@ -103,8 +105,9 @@ bounds and the window picks still saw them: the estimate errs high)."""
 
 
 def _load_beds(clips: list[Clip]) -> list[np.ndarray]:
-    return [load_audio(c.path) for c in clips
-            if c.split == "train" and c.cls == "other" and c.source_key in BED_SOURCES]
+    train = [c for c in clips if c.split == "train"]
+    return [load_audio(c.path) for c, everyday in zip(train, _everyday(train), strict=True)
+            if everyday]
 
 
 def _joined(parts: list[Windows], n_clips: int) -> Windows:
@@ -148,8 +151,8 @@ def cross_fit_fold(clip: Clip) -> int:
     name = clip.path.name
     if clip.source_key == "safe":
         return int(name.split("-")[0]) % CROSS_FIT_FOLDS
-    key = "esc50-" + name.split("-")[1] if clip.source_key == "esc50" else name
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % CROSS_FIT_FOLDS
+    return hashed_bucket(recording_key(name, esc50=clip.source_key == "esc50"),
+                         CROSS_FIT_FOLDS)
 
 
 def _everyday(clips: list[Clip]) -> np.ndarray:
