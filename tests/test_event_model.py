@@ -30,6 +30,7 @@ from monitor.training.dataset import CLASSES, Clip, mixed_stream, read_clips, sp
 from monitor.training.features import Windows
 from monitor.training.head import choose_threshold, head_probs, pick_windows
 from monitor.training.rules import (
+    Candidate,
     StreamTiming,
     onset_lead_ms,
     replay,
@@ -236,6 +237,33 @@ def test_rule_tuning_counts_the_cross_fitted_streams_events() -> None:
     _, info = tune_class(clips, positive, plateau, timing, target_precision=0.9,
                          cross_fit_streams=[twice, blips])
     assert info["stream_false_alarms"] == 1 and info["cross_fit_false_alarms"] == 2
+
+
+def test_recall_price_is_the_front_of_recall_against_everyday_events() -> None:
+    # positives plateau at 0.50, 0.55, ..., 0.95; the everyday streams hold one sound at 0.6
+    # (validation stream) and one at 0.8 (cross-fitted): recall 1.0 costs both, 0.7 (peaks
+    # 0.65 and up) one, 0.3 (0.85 and up) none; a one-window blip at 0.95 costs one more
+    # at any recall unless the rule confirms, so each point must be its recall's best rule
+    timing = _timing()
+    pos = [np.r_[np.full(5, 0.05), np.full(6, 0.5 + 0.05 * k), np.full(5, 0.05)]
+           for k in range(10)]
+    neg = [np.full(16, 0.1) for _ in range(10)]
+    stream, cross = np.zeros(300), np.zeros(300)
+    stream[100:106] = 0.6
+    cross[100:106] = 0.8
+    cross[200] = 0.95
+    _, info = tune_class(pos + neg, np.array([True] * 10 + [False] * 10), stream, timing,
+                         target_precision=0.9, cross_fit_streams=[cross])
+    front = [(p["recall"], p["stream_false_alarms"], p["cross_fit_false_alarms"])
+             for p in info["recall_price"]]
+    assert front == [(1.0, 1, 1), (0.7, 0, 1), (0.3, 0, 0)]
+    assert info["recall"] == 1.0
+    for point in info["recall_price"]:
+        n, m = (int(v) for v in point["confirm"].split(" of "))
+        rule = Candidate(threshold=point["threshold"], release=0.5 * point["threshold"],
+                         confirm_n=n, confirm_m=m, min_duration_ms=point["min_duration_ms"])
+        found = sum(bool(replay(s, rule.rule(timing.sample_rate), timing)) for s in pos)
+        assert found / 10 == point["recall"]
 
 
 def test_cross_fit_heads_never_fit_their_own_fold(monkeypatch: pytest.MonkeyPatch) -> None:

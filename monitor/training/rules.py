@@ -150,7 +150,8 @@ def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_score
     `cross_fit_streams`: its sequences on further everyday streams scored by heads whose
     weights were fitted without them (their events and near misses count with the stream's;
     the info reports each apart). A rule that raises the class in more
-    than `false_clip_budget` of the other clips is not kept."""
+    than `false_clip_budget` of the other clips is not kept. The info's `recall_price` is the
+    front of validation recall against everyday events over every kept rule."""
     streams = [stream_scores, *cross_fit_streams]
     n_pos = max(int(positive.sum()), 1)
     n_neg = int((~positive).sum())
@@ -184,7 +185,8 @@ def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_score
                                   r[0].min_duration_ms, -r[0].threshold))
     cand, recall, precision, fa = best
     base = max(plain, key=lambda r: (r[1], r[2])) if plain else best
-    return cand, {"threshold": cand.threshold, "precision": round(precision, 4),
+    return cand, {"recall_price": recall_price(rows),
+                  "threshold": cand.threshold, "precision": round(precision, 4),
                   "recall": round(recall, 4), "stream_false_alarms": fa[0],
                   "cross_fit_false_alarms": sum(fa[1:]),
                   "stream_near_misses": near[cand][0],
@@ -193,6 +195,26 @@ def tune_class(clip_scores: list[np.ndarray], positive: np.ndarray, stream_score
                                    "precision": round(base[2], 4),
                                    "recall": round(base[1], 4),
                                    "stream_false_alarms": base[3][0]}}
+
+
+def recall_price(
+        rows: Sequence[tuple[Candidate, float, float, list[int]]]) -> list[dict[str, Any]]:
+    """The price of recall in false alarms, from the kept rules `rows` (candidate, validation
+    recall, validation precision, events on each everyday stream): recall falling, each point
+    the fewest everyday events (all streams) of any kept rule with that recall, and only the
+    points that raise fewer events than every point of higher recall (a Pareto front). Its
+    first point has the best recall the search found; the chosen rule lies on or above it."""
+    front: list[dict[str, Any]] = []
+    for cand, recall, precision, fa in sorted(rows, key=lambda r: (-r[1], sum(r[3]), -r[2])):
+        if front and sum(fa) >= front[-1]["stream_false_alarms"] + front[-1][
+                "cross_fit_false_alarms"]:
+            continue
+        front.append({"recall": round(recall, 4), "precision": round(precision, 4),
+                      "threshold": cand.threshold,
+                      "confirm": f"{cand.confirm_n} of {cand.confirm_m}",
+                      "min_duration_ms": cand.min_duration_ms,
+                      "stream_false_alarms": fa[0], "cross_fit_false_alarms": sum(fa[1:])})
+    return front
 
 
 def onset_lead_ms(clip_scores: list[np.ndarray], true_onsets: list[int],
