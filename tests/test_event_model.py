@@ -576,6 +576,9 @@ def test_room_chains_reverberate_and_band_limit_as_they_say() -> None:
         y = _room_chain(x, "phone band", 0)[sr // 2:]
         gain_db = 20 * np.log10(np.std(y) / np.std(x[sr // 2:]))
         assert lo <= gain_db <= hi, (hz, gain_db)
+    for chain, db in (("10 dB quieter", -10.0), ("20 dB quieter", -20.0)):
+        y = _room_chain(x, chain, 0)
+        assert 20 * np.log10(np.std(y) / np.std(x)) == pytest.approx(db, abs=1e-3)
 
 
 @need_yamnet

@@ -9,8 +9,8 @@ Everything is measured on the test split that neither training nor threshold cho
   (`streams`);
 - recall with a background: held-out events mixed into held-out speech, synthetic alarms
   and everyday sound at 10 and 0 dB (`streams.recall_in_background`);
-- recall in other rooms and microphones: held-out events reverberated, phone-band limited and
-  through the full augmentation chain (`streams.recall_in_rooms`);
+- recall in other rooms and microphones: held-out events reverberated, phone-band limited,
+  through the full augmentation chain, and 10 and 20 dB quieter (`streams.recall_in_rooms`);
 - onset error: held-out events placed in the everyday stream at known times;
 - inference time of one window on one thread, through `Detector.score`.
 The report (tables, plots, HTML) is `report`.

@@ -239,8 +239,12 @@ def recall_in_background(detector: Detector, config: Any, positives: list[Clip],
                    for snr, by_cls in by_snr.items()} for name, by_snr in found.items()}
 
 
-ROOM_CHAINS = ("reverberation", "phone band", "full chain")
+ROOM_CHAINS = ("reverberation", "phone band", "full chain", "10 dB quieter", "20 dB quieter")
 """What `recall_in_rooms` plays each held-out event through."""
+QUIETER_DB = {"10 dB quieter": -10.0, "20 dB quieter": -20.0}
+"""Gain of the quieter chains: the same event farther from the microphone, or through a
+microphone set to a lower gain. The sources' recording levels differ by class, so a head
+can learn loudness as a cue (model card, "Recording level")."""
 
 
 def _room_chain(x: np.ndarray, chain: str, seed: int) -> np.ndarray:
@@ -249,6 +253,8 @@ def _room_chain(x: np.ndarray, chain: str, seed: int) -> np.ndarray:
         return phone_band(x.astype(np.float32))
     if chain == "full chain":
         return augment(x, rng=rng, beds=[], phone_p=0.4)  # limits its own peak
+    if chain in QUIETER_DB:
+        return (x * np.float32(10.0 ** (QUIETER_DB[chain] / 20.0))).astype(np.float32)
     return limit_peak(reverberate(x.astype(np.float32), rng))
 
 
@@ -258,8 +264,9 @@ def recall_in_rooms(detector: Detector, config: Any, positives: list[Clip],
     heard in another room or through another microphone: reverberated (RT60 0.2-0.9 s),
     band-limited to a phone line (300-3400 Hz), and through the full augmentation chain
     (reverberation p 0.35, phone band p 0.4, coloured noise at 0-25 dB SNR, gain -20..+6 dB;
-    no real beds). Each clip's chain is drawn from a seed of its own name, so a figure
-    compares models on the same sounds. Returns {chain: {class: recall}}."""
+    no real beds), and 10 and 20 dB quieter (`QUIETER_DB`). Each clip's chain is drawn from a
+    seed of its own name, so a figure compares models on the same sounds. Returns
+    {chain: {class: recall}}."""
     found: dict[str, dict[str, list[bool]]] = {}
     for clip in positives:
         x = clip_waveform(clip)
