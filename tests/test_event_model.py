@@ -555,7 +555,8 @@ def test_recall_in_background_follows_the_mixing_level(shared_data: Path,
 def test_room_chains_reverberate_and_band_limit_as_they_say() -> None:
     """The chains behind the card's recall in other rooms and microphones: a reverberated
     impulse decays by 60 dB within 0.2-0.9 s (Schroeder backward integral), the phone band
-    passes 1 kHz and removes 100 Hz, and a chain is a function of its seed."""
+    passes 1 kHz and removes 100 Hz, the quieter chains are 10 and 20 dB down, and a chain is a
+    function of its seed."""
     from monitor.training.streams import _room_chain
 
     sr = 16000
