@@ -239,12 +239,12 @@ def recall_in_background(detector: Detector, config: Any, positives: list[Clip],
                    for snr, by_cls in by_snr.items()} for name, by_snr in found.items()}
 
 
-ROOM_CHAINS = ("reverberation", "phone band", "full chain", "10 dB quieter", "20 dB quieter")
-"""What `recall_in_rooms` plays each held-out event through."""
 QUIETER_DB = {"10 dB quieter": -10.0, "20 dB quieter": -20.0}
 """Gain of the quieter chains: the same event farther from the microphone, or through a
 microphone set to a lower gain. The sources' recording levels differ by class, so a head
 can learn loudness as a cue (model card, "Recording level")."""
+ROOM_CHAINS = ("reverberation", "phone band", "full chain", *QUIETER_DB)
+"""What `recall_in_rooms` plays each held-out event through."""
 
 
 def _room_chain(x: np.ndarray, chain: str, seed: int) -> np.ndarray:
