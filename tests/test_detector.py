@@ -135,3 +135,72 @@ def test_pool_threads_sleep_between_windows(tiny_model: Path, threads: int,
                 entries(key)
         else:
             assert entries(key) == spinning
+
+
+def _qdq_matmul(path: Path, k: int) -> None:
+    """x (1, k) float -> u8 QDQ -> MatMul with s8 weights (QDQ) -> u8 QDQ output (scale 1e4):
+    the pattern onnxruntime fuses into an int8 u8 x s8 kernel."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.full((k, 1), 127, np.int8), "w_q"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(1e4, np.float32), "out_scale"),
+             numpy_helper.from_array(np.array(0, np.uint8), "zp_u8"),
+             numpy_helper.from_array(np.array(0, np.int8), "zp_s8")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "one", "zp_u8"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "one", "zp_u8"], ["x_dq"]),
+             helper.make_node("DequantizeLinear", ["w_q", "one", "zp_s8"], ["w"]),
+             helper.make_node("MatMul", ["x_dq", "w"], ["y_f"]),
+             helper.make_node("QuantizeLinear", ["y_f", "out_scale", "zp_u8"], ["y_q"]),
+             helper.make_node("DequantizeLinear", ["y_q", "out_scale", "zp_u8"], ["y"])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, k])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_unfused_int8_is_exact_where_fused_kernels_saturate(tmp_path: Path) -> None:
+    """A u8 x s8 product whose pairs overflow 16 bits (255 x 127 x 2 > 32767): with
+    `exact_int8_options` the quantised graph gives the exact integer sum (2,072,640 -> 207 x
+    1e4) on every CPU; the fused kernels on a CPU `int8_saturates` names lose it."""
+    import onnxruntime as ort
+
+    from monitor.detect.detector import exact_int8_options, int8_saturates
+
+    k = 64
+    _qdq_matmul(tmp_path / "q.onnx", k)
+    x = np.full((1, k), 255.0, np.float32)
+    exact = round(255 * 127 * k / 1e4) * 1e4
+
+    def run(unfused: bool) -> float:
+        options = ort.SessionOptions()
+        assert exact_int8_options(options, saturates=unfused) is unfused
+        session = ort.InferenceSession(str(tmp_path / "q.onnx"), options,
+                                       providers=["CPUExecutionProvider"])
+        return float(session.run(None, {"x": x})[0][0, 0])
+
+    assert run(True) == exact
+    fused = run(False)
+    if int8_saturates():
+        assert fused < 0.6 * exact
+    assert run(int8_saturates()) == exact
+
+
+@pytest.mark.parametrize(("flags", "saturates"), [
+    ("fpu sse sse2 avx avx2 fma", True),
+    ("fpu sse sse2 avx2 avx512f avx512bw avx512dq avx512vl", True),
+    ("fpu sse sse2 avx2 avx512f avx512bw avx512_vnni", False),
+    ("fpu sse sse2 avx2 avx_vnni", False),
+    ("fpu sse sse2 avx2 avx512f amx_int8", False),
+    ("fp asimd evtstrm aes pmull sha1 sha2 crc32 asimddp", False),
+])
+def test_int8_saturates_reads_the_first_processors_flags(flags: str, saturates: bool) -> None:
+    """x86 without VNNI or AMX saturates; ARM (no sse2) and unreadable flags do not."""
+    from monitor.detect.detector import int8_saturates
+
+    cpuinfo = f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+    assert int8_saturates(cpuinfo) is saturates
+    assert int8_saturates("processor\t: 0\n") is False

@@ -582,6 +582,34 @@ def test_room_chains_reverberate_and_band_limit_as_they_say() -> None:
         assert 20 * np.log10(np.std(y) / np.std(x)) == pytest.approx(db, abs=1e-3)
 
 
+def test_louder_stream_raises_each_clip_10_db_and_limits_its_peak(tmp_path: Path) -> None:
+    """The louder everyday stream behind `evaluate`'s +10 dB false alarms: a quiet clip comes
+    back exactly 10 dB louder, a loud one is scaled down to the 0.99 peak ceiling rather than
+    clipped, and the clips keep their order and lengths."""
+    import soundfile as sf
+
+    from monitor.training.dataset import Clip
+    from monitor.training.streams import LOUDER_DB, louder_stream
+
+    sr = 16000
+    t = np.arange(sr) / sr
+    quiet = (0.05 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
+    loud = (0.8 * np.sin(2 * np.pi * 1000.0 * t[: sr // 2])).astype(np.float32)
+    clips = []
+    for name, x in (("quiet.wav", quiet), ("loud.wav", loud)):
+        sf.write(str(tmp_path / name), x, sr, subtype="FLOAT")
+        clips.append(Clip(path=tmp_path / name, label="background", cls="other",
+                          duration_s=len(x) / sr, source="test", license="", split="test",
+                          channel=""))
+    y = louder_stream(clips)
+    assert y.dtype == np.float32 and y.shape == (len(quiet) + len(loud),)
+    gain_db = 20 * np.log10(np.std(y[: len(quiet)]) / np.std(quiet))
+    assert LOUDER_DB == 10.0 and gain_db == pytest.approx(10.0, abs=1e-3)
+    tail = y[len(quiet):]
+    assert float(np.max(np.abs(tail))) == pytest.approx(0.99, abs=1e-4)
+    assert np.allclose(tail / np.max(np.abs(tail)), loud / np.max(np.abs(loud)), atol=1e-5)
+
+
 @need_yamnet
 def test_compose_names_the_missing_head_and_card(tmp_path: Path) -> None:
     """A models folder with YAMNet but not the shipped head and card (fetch-models

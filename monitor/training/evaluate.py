@@ -45,8 +45,10 @@ from monitor.training.head import clip_max, head_probs
 from monitor.training.report import format_table, write_report
 from monitor.training.streams import (
     ROOM_CHAINS,
+    STREAM_SOURCES,
     augmented_false_alarms,
     heldout_streams,
+    louder_false_alarms,
     onset_errors,
     onset_stream,
     recall_in_background,
@@ -149,6 +151,9 @@ def evaluate(data_dir: Path, models_dir: Path, *, cache_dir: Path | None = None,
               for name, audio in streams.items()}
         everyday = streams["everyday"]
         fa["everyday"]["augmented"] = augmented_false_alarms(detector, config, everyday, tmp)
+        fa["everyday"]["louder"] = louder_false_alarms(
+            detector, config, [c for c in held if c.cls == "other"
+                               and c.source_key in STREAM_SOURCES["everyday"]], tmp)
         fa["total"] = total_false_alarms(fa)
 
         positives = [c for c in held if c.cls != "other"]

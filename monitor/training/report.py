@@ -108,6 +108,11 @@ def format_table(m: dict[str, Any]) -> str:
         cells = "  ".join(f"{fa[n]:>6.1f} ({fa['events'][n]}, {fa['upper_95_per_hour'][n]})"
                           .ljust(18) for n in EVENT_CLASSES)
         lines.append(f"{stream:<12} {fa['stream_hours']:>6.3f}  {cells}")
+        if "louder" in fa:
+            louder = fa["louder"]
+            cells = "  ".join(f"{louder[n]:>6.1f} ({louder['events'][n]})".ljust(18)
+                              for n in EVENT_CLASSES)
+            lines.append(f"{' +10 dB':<12} {louder['stream_hours']:>6.3f}  {cells}")
     lines.append("")
     lines.append("per source: share of held-out clips raising each class")
     for source, rows in m["per_source"].items():
