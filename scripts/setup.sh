@@ -8,7 +8,8 @@ profile="${1:-run}"
 # gcc, libc6-dev and python3-dev build the ahead-of-time kernels (monitor/dsp/jit.py) and the
 # C capture callback (monitor/capture/native_capture.py).
 packages=(libportaudio2 libsndfile1 python3-venv gcc libc6-dev python3-dev)
-[ "$profile" = dev ] && packages+=(jackd2 tmux systemd mosquitto espeak-ng)
+# qemu-user runs the detector on an emulated AVX2-only CPU (tests/test_detector.py).
+[ "$profile" = dev ] && packages+=(jackd2 tmux systemd mosquitto espeak-ng qemu-user)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

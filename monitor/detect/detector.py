@@ -10,6 +10,7 @@ on fails loudly at start-up instead of scoring garbage for months.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -29,40 +30,96 @@ logger = logging.getLogger(__name__)
 CARD_SCHEMA = 1
 ORT_SPINNING_ENV = "AUDIO_MONITOR_ORT_SPINNING"
 """Set to 1 to keep onnxruntime's spin-waiting pool threads (benchmarks compare)."""
-INT8_EXACT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-"""x86 features with which onnxruntime's fused u8 x s8 kernels sum exactly."""
+_PROBE_CHANNELS = 64
 
 
-def int8_saturates(cpuinfo: str | None = None) -> bool:
-    """True on an x86 CPU without VNNI or AMX (`cpuinfo`, default Linux /proc/cpuinfo: the
-    first processor's flags). There onnxruntime's fused int8 kernels multiply u8 x s8 pairs
-    with a saturating 16-bit add (AVX2/SSE `pmaddubsw`), so a quantised graph's outputs drift
-    far from its exact integer result: the shipped event model found 4 of 21 validation glass
-    breaks on an AVX2-only EPYC, 20 of 21 unfused (model card, "CPUs"). False where the flags
-    cannot be read or are not x86's (ARM's int8 dot products are exact)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return False
-    first = cpuinfo.strip().split("\n\n", 1)[0]
-    flags = next((line.split(":", 1)[1].split() for line in first.splitlines()
-                  if line.split(":", 1)[0].strip() == "flags"), None)
-    if flags is None or "sse2" not in flags:
-        return False
-    return not any(f in flags for f in INT8_EXACT_FLAGS)
+def _saturation_probe() -> bytes:
+    """A 1x1 QDQ convolution, x (1, 64, 1, 1) u8 -> s8 weights (all 127) -> u8 output (scale
+    1e4): the pattern onnxruntime fuses into its u8 x s8 convolution kernel. With x all 255
+    the exact sum is 64 x 255 x 127 = 2,072,640; each pair of products (64,770) overflows a
+    16-bit lane."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = _PROBE_CHANNELS
+    inits = [numpy_helper.from_array(np.full((1, c, 1, 1), 127.0, np.float32), "w"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(1e4, np.float32), "out_scale"),
+             numpy_helper.from_array(np.array(0, np.uint8), "zp_u8"),
+             numpy_helper.from_array(np.array(0, np.int8), "zp_s8")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "one", "zp_u8"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "one", "zp_u8"], ["x_dq"]),
+             helper.make_node("QuantizeLinear", ["w", "one", "zp_s8"], ["w_q"]),
+             helper.make_node("DequantizeLinear", ["w_q", "one", "zp_s8"], ["w_dq"]),
+             helper.make_node("Conv", ["x_dq", "w_dq"], ["y_f"]),
+             helper.make_node("QuantizeLinear", ["y_f", "out_scale", "zp_u8"], ["y_q"]),
+             helper.make_node("DequantizeLinear", ["y_q", "out_scale", "zp_u8"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "saturation_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
 
 
-def exact_int8_options(options: ort.SessionOptions, *, saturates: bool | None = None) -> bool:
-    """Where fused int8 kernels saturate (`int8_saturates`), set `options` to leave a quantised
-    graph's QuantizeLinear/DequantizeLinear pairs unfused: the convolutions then run in float
-    on the exactly dequantised values, several times slower (8 ms instead of 2 ms a window on
-    one AVX2 core) but with the outputs the model was trained and measured on. Returns whether
-    it did."""
-    if not (int8_saturates() if saturates is None else saturates):
-        return False
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return True
+def probe_int8(model: bytes | None = None) -> float:
+    """Run `_saturation_probe` (or `model`, the same graph in another form) through
+    onnxruntime's default optimisation on this CPU: its output, 2,070,000 (207 x 1e4) where
+    the fused kernels sum exactly."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model or _saturation_probe(), options,
+                                   providers=["CPUExecutionProvider"])
+    x = np.full((1, _PROBE_CHANNELS, 1, 1), 255.0, np.float32)
+    return float(session.run(None, {"x": x})[0].ravel()[0])
+
+
+@functools.cache
+def int8_saturates() -> bool:
+    """True where onnxruntime's fused u8 x s8 kernels lose precision on this CPU: on x86
+    without VNNI or AMX (AVX2, AVX-512 F/BW) they add pairs of u8 x s8 products in saturating
+    16-bit lanes (`pmaddubsw`), and a quantised graph's outputs drift far from its integer
+    result (the shipped event model found 4 of 21 validation glass breaks on an AVX2-only
+    EPYC; model card, "CPUs"). Measured once per process by `probe_int8`, not read from CPU
+    flags, so it holds for any CPU, emulator or onnxruntime build."""
+    return probe_int8() != round(_PROBE_CHANNELS * 255 * 127 / 1e4) * 1e4
+
+
+def unsigned_int8_weights(model: bytes) -> bytes:
+    """The same ONNX graph with its s8 quantisation stored as u8: every INT8 zero point of a
+    QuantizeLinear/DequantizeLinear (and any INT8 initializer a DequantizeLinear reads) moves
+    up by 128. (q + 128) - (z + 128) = q - z, so every dequantised value is unchanged, and
+    onnxruntime then fuses u8 x u8 kernels, which widen to 16 bits before multiplying and sum
+    exactly on every x86 CPU: bit for bit the outputs of the s8 graph on a VNNI CPU. About
+    twice the s8 kernels' time on a VNNI CPU, so only for CPUs where `int8_saturates`."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(model)
+    inits = {t.name: t for t in graph.graph.initializer}
+    moved: set[str] = set()
+
+    def move(name: str) -> None:
+        t = inits.get(name)
+        if t is None or name in moved or t.data_type != onnx.TensorProto.INT8:
+            return
+        shifted = numpy_helper.to_array(t).astype(np.int16) + 128
+        t.CopyFrom(numpy_helper.from_array(shifted.astype(np.uint8), name))
+        moved.add(name)
+
+    for node in graph.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        move(node.input[2])
+        if node.op_type == "DequantizeLinear":
+            move(node.input[0])
+    return bytes(graph.SerializeToString())
+
+
+def session_model(model: bytes) -> bytes:
+    """`model` as this CPU should run it: `unsigned_int8_weights` where `int8_saturates`."""
+    return unsigned_int8_weights(model) if int8_saturates() else model
 
 
 @dataclass(frozen=True)
@@ -180,13 +237,15 @@ class Detector:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.log_severity_level = 3
-        self.exact_int8 = exact_int8_options(options)
-        """True when this CPU's fused int8 kernels saturate and the graph runs unfused."""
-        if self.exact_int8:
-            logger.warning("%s: this CPU has no VNNI, so onnxruntime's fused int8 kernels "
-                           "saturate; running the model unfused (exact, slower)", model_path)
+        self.unsigned_int8 = int8_saturates()
+        """True when this CPU's fused u8 x s8 kernels saturate and the model's s8 weights are
+        stored u8 for its session (`unsigned_int8_weights`): same outputs, slower kernels."""
+        if self.unsigned_int8:
+            logger.info("%s: this CPU's u8 x s8 kernels saturate; running its int8 weights "
+                        "as u8 (same outputs, slower kernels)", model_path)
         try:
-            self._session = ort.InferenceSession(str(model_path), sess_options=options,
+            self._session = ort.InferenceSession(session_model(model_path.read_bytes()),
+                                                 sess_options=options,
                                                  providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own untyped errors
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from monitor.detect.detector import exact_int8_options
+from monitor.detect.detector import session_model
 from monitor.detect.yamnet import MODEL_SHA256, WINDOW_FRAMES
 from monitor.dsp.frontend import FrontendParams, logmel_of
 from monitor.training.compose import AUDIOSET_DIM, EMBEDDING_DIM, embedding_model_bytes
@@ -25,7 +25,7 @@ from monitor.training.dataset import CLASSES, Clip, augment, clip_waveform, pad,
 
 logger = logging.getLogger(__name__)
 
-FEATURES_VERSION = 5
+FEATURES_VERSION = 6
 """Bump when augmentation or windowing changes, to invalidate the cache."""
 PAD_S = 0.5
 """Silence added before and after every clip (training and evaluation alike)."""
@@ -65,8 +65,9 @@ class Embedder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        exact_int8_options(options)  # the features the daemon computes on this CPU
-        self._session = ort.InferenceSession(embedding_model_bytes(yamnet_path), options,
+        # The features the daemon computes, the same on every CPU.
+        self._session = ort.InferenceSession(session_model(embedding_model_bytes(yamnet_path)),
+                                             options,
                                              providers=["CPUExecutionProvider"])
 
     def embed(self, windows: np.ndarray) -> np.ndarray:
