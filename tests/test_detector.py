@@ -193,6 +193,24 @@ def test_unsigned_int8_weights_keep_every_dequantised_value() -> None:
     assert np.array_equal(scores(model), scores(moved))
 
 
+def test_unsigned_int8_weights_leave_a_zero_point_another_operator_reads() -> None:
+    """Where the s8 weights are also a graph output (int8 by its declared type), moving their
+    zero point would break the graph: it stays, and the graph loads and runs as before."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from monitor.detect.detector import _saturation_probe, probe_int8, unsigned_int8_weights
+
+    model = onnx.load_from_string(_saturation_probe())
+    model.graph.output.append(helper.make_tensor_value_info("w_q", TensorProto.INT8,
+                                                            [1, 64, 1, 1]))
+    data = model.SerializeToString()
+    moved = unsigned_int8_weights(data)
+    zero_points = {t.name: t.data_type for t in onnx.load_from_string(moved).graph.initializer}
+    assert zero_points["zp_s8"] == TensorProto.INT8
+    assert probe_int8(moved) == probe_int8(data)
+
+
 QEMU_CPU = "Haswell"
 """An x86 CPU with AVX2 and without VNNI: onnxruntime's s8 kernels saturate on it."""
 

@@ -87,34 +87,61 @@ def int8_saturates() -> bool:
 
 
 def unsigned_int8_weights(model: bytes) -> bytes:
-    """The same ONNX graph with its s8 quantisation stored as u8: every INT8 zero point of a
-    QuantizeLinear/DequantizeLinear (and any INT8 initializer a DequantizeLinear reads) moves
-    up by 128. (q + 128) - (z + 128) = q - z, so every dequantised value is unchanged, and
-    onnxruntime then fuses u8 x u8 kernels, which widen to 16 bits before multiplying and sum
-    exactly on every x86 CPU: bit for bit the outputs of the s8 graph on a VNNI CPU. About
-    twice the s8 kernels' time on a VNNI CPU, so only for CPUs where `int8_saturates`."""
+    """The same ONNX graph with its s8 quantisation stored as u8: each INT8 zero point of
+    QuantizeLinear/DequantizeLinear pairs (and each INT8 initializer a DequantizeLinear reads
+    with it) moves up by 128. (q + 128) - (z + 128) = q - z, so every dequantised value is
+    unchanged, and onnxruntime then fuses u8 x u8 kernels, which widen to 16 bits before
+    multiplying and sum exactly on every x86 CPU: bit for bit the outputs of the s8 graph on
+    a VNNI CPU. About twice the s8 kernels' time on a VNNI CPU, so only for CPUs where
+    `int8_saturates`. A zero point that any other operator reads (QLinearConv, a graph
+    output of type int8) is left as it is, so the graph always still loads."""
     import onnx
     from onnx import numpy_helper
 
-    graph = onnx.load_from_string(model)
-    inits = {t.name: t for t in graph.graph.initializer}
-    moved: set[str] = set()
+    m = onnx.load_from_string(model)
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in g.output}
+    int8 = onnx.TensorProto.INT8
 
-    def move(name: str) -> None:
-        t = inits.get(name)
-        if t is None or name in moved or t.data_type != onnx.TensorProto.INT8:
-            return
-        shifted = numpy_helper.to_array(t).astype(np.int16) + 128
-        t.CopyFrom(numpy_helper.from_array(shifted.astype(np.uint8), name))
-        moved.add(name)
+    def reads_zero_point(node: onnx.NodeProto, zp: str) -> bool:
+        return (node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and len(node.input) > 2 and node.input[2] == zp)
 
-    for node in graph.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+    def movable(zp: str) -> list[str] | None:
+        """`zp` and the INT8 initializers that move with it, or None where something else
+        reads one of them or a QuantizeLinear's int8 output."""
+        if any(not reads_zero_point(n, zp) for n in readers[zp]):
+            return None
+        names = [zp]
+        for node in readers[zp]:
+            if node.op_type == "QuantizeLinear":
+                out = node.output[0]
+                if out in outputs or any(not (n.op_type == "DequantizeLinear"
+                                              and reads_zero_point(n, zp)
+                                              and n.input[0] == out)
+                                         for n in readers.get(out, [])):
+                    return None
+            else:
+                data = inits.get(node.input[0])
+                if data is not None and data.data_type == int8:
+                    if any(not reads_zero_point(n, zp) or n.op_type != "DequantizeLinear"
+                           for n in readers[data.name]):
+                        return None
+                    names.append(data.name)
+        return names
+
+    for zp, t in inits.items():
+        if t.data_type != int8 or zp not in readers:
             continue
-        move(node.input[2])
-        if node.op_type == "DequantizeLinear":
-            move(node.input[0])
-    return bytes(graph.SerializeToString())
+        for name in dict.fromkeys(movable(zp) or []):
+            shifted = numpy_helper.to_array(inits[name]).astype(np.int16) + 128
+            inits[name].CopyFrom(numpy_helper.from_array(shifted.astype(np.uint8), name))
+    return bytes(m.SerializeToString())
 
 
 def session_model(model: bytes) -> bytes:
