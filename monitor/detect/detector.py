@@ -82,60 +82,74 @@ def int8_saturates() -> bool:
     16-bit lanes (`pmaddubsw`), and a quantised graph's outputs drift far from its integer
     result (the shipped event model found 4 of 21 validation glass breaks on an AVX2-only
     EPYC; model card, "CPUs"). Measured once per process by `probe_int8`, not read from CPU
-    flags, so it holds for any CPU, emulator or onnxruntime build."""
-    return probe_int8() != round(_PROBE_CHANNELS * 255 * 127 / 1e4) * 1e4
+    flags, so it holds for any CPU, emulator or onnxruntime build. False (with a warning)
+    where the probe cannot run."""
+    try:
+        return probe_int8() != round(_PROBE_CHANNELS * 255 * 127 / 1e4) * 1e4
+    except Exception as err:  # onnx or onnxruntime, untyped: the models still load as they are
+        logger.warning("int8 kernel probe failed (%s); running quantised models as stored", err)
+        return False
 
 
 def unsigned_int8_weights(model: bytes) -> bytes:
-    """The same ONNX graph with its s8 quantisation stored as u8: each INT8 zero point of
-    QuantizeLinear/DequantizeLinear pairs (and each INT8 initializer a DequantizeLinear reads
-    with it) moves up by 128. (q + 128) - (z + 128) = q - z, so every dequantised value is
-    unchanged, and onnxruntime then fuses u8 x u8 kernels, which widen to 16 bits before
-    multiplying and sum exactly on every x86 CPU: bit for bit the outputs of the s8 graph on
-    a VNNI CPU. About twice the s8 kernels' time on a VNNI CPU, so only for CPUs where
-    `int8_saturates`. A zero point that any other operator reads (QLinearConv, a graph
-    output of type int8) is left as it is, so the graph always still loads."""
+    """The same ONNX graph with its s8 quantisation stored as u8: each INT8 zero point that
+    only QuantizeLinear/DequantizeLinear pairs read (and each INT8 initializer a
+    DequantizeLinear reads with it) moves up by 128. (q + 128) - (z + 128) = q - z and the
+    clamp ranges shift alike, so every quantised-then-dequantised value is unchanged, and
+    onnxruntime then fuses u8 x u8 kernels, which widen to 16 bits before multiplying and sum
+    exactly on every x86 CPU: bit for bit the outputs of the s8 graph on a VNNI CPU. About
+    twice the s8 kernels' time on a VNNI CPU, so only for CPUs where `int8_saturates`. A zero
+    point is left as it is wherever anything else could see its int8 tensors (another
+    operator, a graph input or output, declared value_info), and a graph with subgraphs is
+    returned unchanged. Raises what `onnx` raises on bytes that are not a model."""
     import onnx
     from onnx import numpy_helper
 
     m = onnx.load_from_string(model)
     g = m.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in g.node for a in node.attribute):
+        return model
+    int8 = onnx.TensorProto.INT8
     inits = {t.name: t for t in g.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in g.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    outputs = {o.name for o in g.output}
-    int8 = onnx.TensorProto.INT8
+    seen = ({v.name for v in g.input} | {v.name for v in g.output}
+            | {v.name for v in g.value_info})
 
     def reads_zero_point(node: onnx.NodeProto, zp: str) -> bool:
         return (node.op_type in ("QuantizeLinear", "DequantizeLinear")
                 and len(node.input) > 2 and node.input[2] == zp)
 
     def movable(zp: str) -> list[str] | None:
-        """`zp` and the INT8 initializers that move with it, or None where something else
-        reads one of them or a QuantizeLinear's int8 output."""
-        if any(not reads_zero_point(n, zp) for n in readers[zp]):
+        """`zp` and the INT8 initializers that move with it, or None where anything but its
+        own Q/DQ pairs could see them."""
+        if zp in seen or any(not reads_zero_point(n, zp) for n in readers[zp]):
             return None
         names = [zp]
+        quantised = {n.output[0] for n in readers[zp] if n.op_type == "QuantizeLinear"}
         for node in readers[zp]:
             if node.op_type == "QuantizeLinear":
                 out = node.output[0]
-                if out in outputs or any(not (n.op_type == "DequantizeLinear"
-                                              and reads_zero_point(n, zp)
-                                              and n.input[0] == out)
-                                         for n in readers.get(out, [])):
+                if out in seen or any(not (n.op_type == "DequantizeLinear"
+                                           and reads_zero_point(n, zp) and n.input[0] == out)
+                                      for n in readers.get(out, [])):
                     return None
-            else:
-                data = inits.get(node.input[0])
-                if data is not None and data.data_type == int8:
-                    if any(not reads_zero_point(n, zp) or n.op_type != "DequantizeLinear"
-                           for n in readers[data.name]):
-                        return None
-                    names.append(data.name)
+                continue
+            data = node.input[0]
+            if data in quantised:
+                continue
+            t = inits.get(data)
+            if t is None or t.data_type != int8 or data in seen or any(
+                    n.op_type != "DequantizeLinear" or not reads_zero_point(n, zp)
+                    for n in readers[data]):
+                return None
+            names.append(data)
         return names
 
-    for zp, t in inits.items():
+    for zp, t in list(inits.items()):
         if t.data_type != int8 or zp not in readers:
             continue
         for name in dict.fromkeys(movable(zp) or []):
@@ -147,6 +161,28 @@ def unsigned_int8_weights(model: bytes) -> bytes:
 def session_model(model: bytes) -> bytes:
     """`model` as this CPU should run it: `unsigned_int8_weights` where `int8_saturates`."""
     return unsigned_int8_weights(model) if int8_saturates() else model
+
+
+def open_session(model_path: Path,
+                 options: ort.SessionOptions) -> tuple[ort.InferenceSession, bool]:
+    """An onnxruntime session for `model_path` as this CPU should run it, and whether its
+    int8 weights run as u8 (`int8_saturates`). Where the u8 form fails to load, the model
+    runs as stored, with a warning. Raises what onnxruntime and onnx raise for a bad file."""
+    if not int8_saturates():
+        return ort.InferenceSession(str(model_path), sess_options=options,
+                                    providers=["CPUExecutionProvider"]), False
+    import onnx
+
+    stored = onnx.load(str(model_path)).SerializeToString()  # with any external data
+    try:
+        return ort.InferenceSession(unsigned_int8_weights(stored), sess_options=options,
+                                    providers=["CPUExecutionProvider"]), True
+    except Exception as err:  # onnxruntime's own untyped errors
+        logger.warning("%s: its int8 weights as u8 do not load (%s); running it as stored, "
+                       "where this CPU's u8 x s8 kernels saturate", model_path,
+                       str(err).strip().splitlines()[0] if str(err).strip() else repr(err))
+    return ort.InferenceSession(stored, sess_options=options,
+                                providers=["CPUExecutionProvider"]), False
 
 
 @dataclass(frozen=True)
@@ -264,19 +300,17 @@ class Detector:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.log_severity_level = 3
-        self.unsigned_int8 = int8_saturates()
-        """True when this CPU's fused u8 x s8 kernels saturate and the model's s8 weights are
-        stored u8 for its session (`unsigned_int8_weights`): same outputs, slower kernels."""
-        if self.unsigned_int8:
-            logger.info("%s: this CPU's u8 x s8 kernels saturate; running its int8 weights "
-                        "as u8 (same outputs, slower kernels)", model_path)
         try:
-            self._session = ort.InferenceSession(session_model(model_path.read_bytes()),
-                                                 sess_options=options,
-                                                 providers=["CPUExecutionProvider"])
+            self._session, unsigned = open_session(model_path, options)
         except Exception as err:  # onnxruntime raises its own untyped errors
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             raise ModelError(f"model file {model_path} cannot be loaded: {first_line}") from err
+        self.unsigned_int8 = unsigned
+        """True when this CPU's fused u8 x s8 kernels saturate and the model's s8 weights run
+        as u8 (`unsigned_int8_weights`): the same outputs, slower kernels."""
+        if self.unsigned_int8:
+            logger.info("%s: this CPU's u8 x s8 kernels saturate; running its int8 weights "
+                        "as u8 (same outputs, slower kernels)", model_path)
         self._check_io()
         self.classes = card.classes
         self.window_frames = card.window_frames
