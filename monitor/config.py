@@ -45,7 +45,8 @@ class ModelConfig(Strict, frozen=True):
     """The event detector: an ONNX model with its model card beside it (same name, .json)."""
 
     path: Path = Path("models/events.onnx")
-    """ONNX file; relative paths are resolved against the config file's folder."""
+    """ONNX file; relative paths are resolved against the config file's folder (given as a
+    CLI override: the working folder). Left out: the shipped model, from any folder."""
     threads: Annotated[int, _range(1, 64)] = 1
     """onnxruntime intra-op threads."""
     stride_ms: Annotated[float, _range(10, 5000)] = 100.0
@@ -322,7 +323,11 @@ def load_config(path: Path | None, *, overrides: dict[str, Any] | None = None) -
         classes.update({k: {} for k, v in classes.items() if v is None})
     config = convert(data, Config, error=ConfigError)
     config = _fill_event_defaults(config)
-    model_path = config.model.path if config.model.path.is_absolute() else base / config.model.path
+    model_base = base
+    if not isinstance(data.get("model"), dict) or "path" not in data["model"]:
+        model_base = MODELS_DIR.parent  # left out: the shipped model, from any folder
+    model_path = (config.model.path if config.model.path.is_absolute()
+                  else model_base / config.model.path)
     state_dir = config.state_dir.expanduser()
     state_dir = state_dir if state_dir.is_absolute() else base / state_dir
     curve = config.publish.curve

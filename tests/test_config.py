@@ -27,9 +27,11 @@ def test_shipped_config_is_valid_and_frozen() -> None:
 
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    from monitor.config import MODELS_DIR
+
     config = load_config(write(tmp_path, ""))
     assert config.audio == Config().audio
-    assert config.model.path == tmp_path / "models" / "events.onnx"
+    assert config.model.path == MODELS_DIR / "events.onnx"
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -112,3 +114,21 @@ def test_every_key_is_documented_in_the_shipped_config() -> None:
     missing = [key for key in keys(Config, "")
                if not re.search(rf"^\s*#?\s*{re.escape(key.split('.')[-1])}:", text, re.M)]
     assert missing == []
+
+
+def test_without_a_config_file_the_shipped_model_is_found_from_any_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`audio-monitor analyze clip.wav` run outside the checkout (or with a config file that
+    leaves model.path out) uses the shipped model; a relative model.path given as a CLI
+    override means the working folder's, in a config file the file's folder's."""
+    from monitor.config import MODELS_DIR
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None).model.path == MODELS_DIR / "events.onnx"
+    given = load_config(None, overrides={"model.path": "mine.onnx"}).model.path
+    assert given == tmp_path / "mine.onnx"
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "a.yaml").write_text("log_level: INFO\n", encoding="utf-8")
+    assert load_config(tmp_path / "site" / "a.yaml").model.path == MODELS_DIR / "events.onnx"
+    (tmp_path / "site" / "b.yaml").write_text("model:\n  path: m/x.onnx\n", encoding="utf-8")
+    assert load_config(tmp_path / "site" / "b.yaml").model.path == tmp_path / "site" / "m/x.onnx"

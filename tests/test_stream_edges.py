@@ -224,3 +224,28 @@ def test_analyze_names_a_short_file_and_a_truncated_one(shared_data: Path, confi
     assert warnings[1] == (f"audio-monitor: warning: {cut}: ended after {RATE // 2} of "
                            f"{clip.shape[0]} frames the header promised")
     assert int(re.findall(r"\d+", warnings[0].rsplit("(", 1)[1])[0]) >= 5
+
+
+@need_events
+def test_analyze_outside_the_checkout_uses_the_shipped_model(shared_data: Path,
+                                                            tmp_path: Path) -> None:
+    """`audio-monitor analyze` as a user runs it from their own folder, with no config file:
+    a stereo 44.1 kHz recording of a held-out cough is judged by the shipped model."""
+    import json
+    import subprocess
+    import sys
+
+    from scipy.signal import resample_poly
+
+    from monitor.training.dataset import read_clips
+
+    clip = next(c for c in read_clips(shared_data)
+                if c.split == "test" and c.label == "cough" and c.duration_s >= 2.0)
+    audio, rate = sf.read(str(clip.path), dtype="float32", always_2d=True)
+    stereo = np.repeat(resample_poly(audio[:, 0], 44100, rate), 2).reshape(-1, 2)
+    sf.write(str(tmp_path / "cough.wav"), stereo, 44100, subtype="PCM_16")
+    result = subprocess.run([sys.executable, "-m", "monitor", "analyze", "cough.wav"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {e["class"] for e in events} == {"cough"}, result.stdout
