@@ -72,9 +72,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="exit with status 1 after S seconds without a message")
     listen.set_defaults(handler=_cmd_listen)
 
-    analyze = sub.add_parser("analyze", help="detect events in audio files offline")
+    analyze = sub.add_parser(
+        "analyze", help="detect events in audio files (a folder: the audio files under it)")
     _add_config(analyze)
-    analyze.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    analyze.add_argument("files", nargs="+", type=Path, metavar="FILE_OR_FOLDER")
     analyze.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
     analyze.set_defaults(handler=_cmd_analyze)
 

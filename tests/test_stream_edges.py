@@ -249,3 +249,32 @@ def test_analyze_outside_the_checkout_uses_the_shipped_model(shared_data: Path,
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert {e["class"] for e in events} == {"cough"}, result.stdout
+
+
+def test_analyze_takes_a_folder_as_the_audio_files_under_it(shared_data: Path,
+                                                            config_file: Path,
+                                                            tmp_path: Path) -> None:
+    """Every audio file under a folder, at any depth, in path order; other files skipped; a
+    folder with no audio is named in one error line (exit 2), the rest still analysed."""
+    import subprocess
+    import sys
+
+    from monitor.apps.analyze import expand_folders
+
+    short = real_clip(shared_data)[:round(0.2 * RATE)]  # each file named in a warning
+    (tmp_path / "ward" / "night").mkdir(parents=True)
+    sf.write(str(tmp_path / "ward" / "bed1.wav"), short, RATE, subtype="PCM_16")
+    sf.write(str(tmp_path / "ward" / "night" / "bed2.FLAC"), short, RATE, format="FLAC")
+    (tmp_path / "ward" / "notes.txt").write_text("not audio\n", encoding="utf-8")
+    (tmp_path / "empty").mkdir()
+    found = [tmp_path / "ward" / "bed1.wav", tmp_path / "ward" / "night" / "bed2.FLAC"]
+    assert expand_folders([tmp_path / "ward"]) == found
+    result = subprocess.run(
+        [sys.executable, "-m", "monitor", "analyze", "--config", str(config_file),
+         str(tmp_path / "ward"), str(tmp_path / "empty")],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == (f"audio-monitor: error: folder {tmp_path / 'empty'} holds no audio "
+                        "files (.wav, .flac, .ogg, .mp3 or another format libsndfile reads)")
+    assert [line.split(": ")[2] for line in lines[1:]] == [str(f) for f in found]

@@ -113,13 +113,42 @@ def analyze_file(path: Path, *, config: Config,
     return result.events, result.error
 
 
+def audio_suffixes() -> frozenset[str]:
+    """File name endings of the formats libsndfile reads (`.wav`, `.flac`, `.ogg`, `.mp3`,
+    ...), lower case."""
+    import soundfile
+
+    return frozenset({f".{name.lower()}" for name in soundfile.available_formats()}
+                     | {".aif", ".oga", ".opus"})
+
+
+def expand_folders(paths: Sequence[Path]) -> list[Path]:
+    """`paths` with each folder replaced by the audio files under it (any depth, sorted by
+    path; other files skipped). Files are kept as given, whatever their name."""
+    suffixes = audio_suffixes()
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            out.extend(sorted(f for f in path.rglob("*")
+                              if f.is_file() and f.suffix.lower() in suffixes))
+        else:
+            out.append(path)
+    return out
+
+
 def analyze_command(files: Sequence[Path], *, config: Config, table: bool) -> int:
     """`audio-monitor analyze`: each file's events as JSON lines (or one table at the end);
-    warnings and unreadable files on stderr. Returns 2 if any file could not be read."""
+    a folder stands for the audio files under it (`expand_folders`); warnings and unreadable
+    files on stderr. Returns 2 if any file could not be read or a folder holds no audio."""
     detector = Detector(config.model.path, threads=config.model.threads)
     rows = []
     failed = 0
-    for path in files:
+    for folder in (f for f in files if f.is_dir()):
+        if not expand_folders([folder]):
+            print(f"audio-monitor: error: folder {folder} holds no audio files (.wav, .flac, "
+                  ".ogg, .mp3 or another format libsndfile reads)", file=sys.stderr)
+            failed += 1
+    for path in expand_folders(files):
         try:
             result = analyze(path, config=config, detector=detector)
         except MonitorError as err:
