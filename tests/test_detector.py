@@ -232,11 +232,43 @@ def test_unsigned_int8_weights_move_int8_initializers_with_their_zero_point() ->
     assert (probe_int8(stored) != EXACT_PROBE) is int8_saturates()
 
 
-@pytest.mark.parametrize("exposed", ["graph output", "value_info", "other operator"])
+def test_unsigned_int8_weights_retype_declared_value_info() -> None:
+    """Shape inference's value_info (as YAMNet's graph carries for every tensor) declares the
+    quantised weights INT8; the declaration follows them to UINT8, and the sum is exact."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from monitor.detect.detector import _saturation_probe, probe_int8, unsigned_int8_weights
+
+    model = onnx.load_from_string(_saturation_probe())
+    model.graph.value_info.append(helper.make_tensor_value_info("w_q", TensorProto.INT8,
+                                                                [1, 64, 1, 1]))
+    moved = onnx.load_from_string(unsigned_int8_weights(model.SerializeToString()))
+    assert [v.type.tensor_type.elem_type for v in moved.graph.value_info] == [TensorProto.UINT8]
+    assert probe_int8(moved.SerializeToString()) == EXACT_PROBE
+
+
+def test_every_shipped_graph_loses_its_int8_weights() -> None:
+    """The event model, YAMNet as fetched (with value_info) and the training embedder's cut:
+    no INT8 initializer is left, so none of them runs a saturating kernel."""
+    import onnx
+
+    from monitor.detect.detector import unsigned_int8_weights
+    from monitor.training.compose import embedding_model_bytes
+
+    yamnet = EVENTS.parent / "yamnet.onnx"
+    if not (EVENTS.is_file() and yamnet.is_file()):
+        pytest.skip("models absent: run `audio-monitor fetch-models`")
+    for data in (EVENTS.read_bytes(), yamnet.read_bytes(), embedding_model_bytes(yamnet)):
+        graph = onnx.load_from_string(unsigned_int8_weights(data)).graph
+        assert not [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+
+
+@pytest.mark.parametrize("exposed", ["graph output", "other operator"])
 def test_unsigned_int8_weights_leave_a_zero_point_others_can_see(exposed: str) -> None:
-    """Where anything but its own Q/DQ pairs sees an int8 tensor (a graph output or declared
-    value_info of type INT8, another operator reading it), moving its zero point would break
-    the graph: it stays INT8, and the graph still loads and sums as before."""
+    """Where anything but its own Q/DQ pairs sees an int8 tensor (a graph output of type
+    INT8, another operator reading it), moving its zero point would break the graph: it
+    stays INT8, and the graph still loads and sums as before."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -246,8 +278,6 @@ def test_unsigned_int8_weights_leave_a_zero_point_others_can_see(exposed: str) -
     info = helper.make_tensor_value_info("w_q", TensorProto.INT8, [1, 64, 1, 1])
     if exposed == "graph output":
         model.graph.output.append(info)
-    elif exposed == "value_info":
-        model.graph.value_info.append(info)
     else:
         model.graph.node.append(helper.make_node("Identity", ["w_q"], ["w_copy"]))
         model.graph.output.append(helper.make_tensor_value_info(
@@ -296,43 +326,52 @@ import numpy as np
 from pathlib import Path
 from monitor.detect.detector import Detector, int8_saturates
 windows = np.load(sys.argv[1])
-det = Detector(Path(sys.argv[2]))
-out = []
-for w in windows:
-    for frame in w:
-        det.push(frame)
-    out.append(det.score().copy())
-np.save(sys.argv[3], np.stack(out))
+for i, model in enumerate(sys.argv[3:]):
+    det = Detector(Path(model))
+    out = []
+    for w in windows:
+        for frame in w:
+            det.push(frame)
+        out.append(det.score().copy())
+    np.save(f"{sys.argv[2]}{i}.npy", np.stack(out))
 print(int8_saturates())
 """
 
 
+def _scores(model: Path, windows: np.ndarray) -> np.ndarray:
+    det = Detector(model)
+    out = []
+    for w in windows:
+        for frame in w:
+            det.push(frame)
+        out.append(det.score().copy())
+    return np.stack(out)
+
+
 def test_detector_scores_are_the_same_on_an_emulated_avx2_cpu(tmp_path: Path) -> None:
-    """The shipped model's scores on an emulated AVX2-only CPU (qemu user mode) equal this
-    CPU's bit for bit, where the s8 graph's own fused kernels would saturate there."""
+    """The shipped event model's and YAMNet's scores on an emulated AVX2-only CPU (qemu user
+    mode) equal this CPU's bit for bit, where the s8 graphs' own fused kernels would
+    saturate there."""
     import platform
     import subprocess
     import sys
 
+    yamnet = EVENTS.parent / "yamnet.onnx"
     qemu = shutil.which("qemu-x86_64")
-    if qemu is None or platform.machine() != "x86_64" or not EVENTS.is_file():
-        pytest.skip("needs qemu-user (scripts/setup.sh dev), an x86-64 host and the model")
+    if qemu is None or platform.machine() != "x86_64" or not EVENTS.is_file() \
+            or not yamnet.is_file():
+        pytest.skip("needs qemu-user (scripts/setup.sh dev), an x86-64 host and the models")
     windows = np.random.default_rng(1).normal(-4.0, 2.0, (6, 96, 64)).astype(np.float32)
     np.save(tmp_path / "w.npy", windows)
-    native = Detector(EVENTS)
-    expected = []
-    for w in windows:
-        for frame in w:
-            native.push(frame)
-        expected.append(native.score().copy())
     script = tmp_path / "emulated.py"
     script.write_text(_EMULATED_SCORES)
     run = subprocess.run(
         [qemu, "-cpu", QEMU_CPU, sys.executable, str(script), str(tmp_path / "w.npy"),
-         str(EVENTS), str(tmp_path / "out.npy")],
+         str(tmp_path / "out"), str(EVENTS), str(yamnet)],
         capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     if "requested feature: CPUID.07H:EBX.avx2" in run.stderr:
         pytest.skip("this qemu cannot emulate AVX2 (qemu >= 7.2 can)")
     assert run.stdout.strip() == "True"  # the emulated CPU saturates: the test has teeth
-    assert np.array_equal(np.load(tmp_path / "out.npy"), np.stack(expected))
+    for i, model in enumerate((EVENTS, yamnet)):
+        assert np.array_equal(np.load(tmp_path / f"out{i}.npy"), _scores(model, windows)), model

@@ -100,8 +100,9 @@ def unsigned_int8_weights(model: bytes) -> bytes:
     exactly on every x86 CPU: bit for bit the outputs of the s8 graph on a VNNI CPU. About
     twice the s8 kernels' time on a VNNI CPU, so only for CPUs where `int8_saturates`. A zero
     point is left as it is wherever anything else could see its int8 tensors (another
-    operator, a graph input or output, declared value_info), and a graph with subgraphs is
-    returned unchanged. Raises what `onnx` raises on bytes that are not a model."""
+    operator, a graph input or output; value_info declarations are retyped), and a graph
+    with subgraphs is returned unchanged. Raises what `onnx` raises on bytes that are not a
+    model."""
     import onnx
     from onnx import numpy_helper
 
@@ -116,8 +117,8 @@ def unsigned_int8_weights(model: bytes) -> bytes:
     for node in g.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    seen = ({v.name for v in g.input} | {v.name for v in g.output}
-            | {v.name for v in g.value_info})
+    seen = {v.name for v in g.input} | {v.name for v in g.output}
+    declared = {v.name: v for v in g.value_info}  # shape inference's types: retyped below
 
     def reads_zero_point(node: onnx.NodeProto, zp: str) -> bool:
         return (node.op_type in ("QuantizeLinear", "DequantizeLinear")
@@ -152,9 +153,16 @@ def unsigned_int8_weights(model: bytes) -> bytes:
     for zp, t in list(inits.items()):
         if t.data_type != int8 or zp not in readers:
             continue
-        for name in dict.fromkeys(movable(zp) or []):
+        names = movable(zp)
+        if names is None:
+            continue
+        for name in dict.fromkeys(names):
             shifted = numpy_helper.to_array(inits[name]).astype(np.int16) + 128
             inits[name].CopyFrom(numpy_helper.from_array(shifted.astype(np.uint8), name))
+        for tensor in [*names, *(n.output[0] for n in readers[zp]
+                                 if n.op_type == "QuantizeLinear")]:
+            if tensor in declared:
+                declared[tensor].type.tensor_type.elem_type = onnx.TensorProto.UINT8
     return bytes(m.SerializeToString())
 
 
