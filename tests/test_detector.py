@@ -317,6 +317,16 @@ def test_a_u8_form_that_does_not_load_falls_back_to_the_model_as_stored(
     assert det.score()[0] == pytest.approx(loud_score(frames.astype(np.float32)), abs=1e-5)
 
 
+def test_a_model_without_int8_weights_runs_as_stored_where_kernels_saturate(
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import monitor.detect.detector as detector
+
+    monkeypatch.setattr(detector, "int8_saturates", lambda: True)
+    assert Detector(tiny_model, threads=1).unsigned_int8 is False
+    if EVENTS.is_file():
+        assert Detector(EVENTS).unsigned_int8 is True
+
+
 QEMU_CPU = "Haswell"
 """An x86 CPU with AVX2 and without VNNI: onnxruntime's s8 kernels saturate on it."""
 

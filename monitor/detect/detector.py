@@ -101,8 +101,8 @@ def unsigned_int8_weights(model: bytes) -> bytes:
     twice the s8 kernels' time on a VNNI CPU, so only for CPUs where `int8_saturates`. A zero
     point is left as it is wherever anything else could see its int8 tensors (another
     operator, a graph input or output; value_info declarations are retyped), and a graph
-    with subgraphs is returned unchanged. Raises what `onnx` raises on bytes that are not a
-    model."""
+    with subgraphs is returned unchanged (`model` itself, as where nothing moves). Raises what
+    `onnx` raises on bytes that are not a model."""
     import onnx
     from onnx import numpy_helper
 
@@ -150,12 +150,14 @@ def unsigned_int8_weights(model: bytes) -> bytes:
             names.append(data)
         return names
 
+    moved = 0
     for zp, t in list(inits.items()):
         if t.data_type != int8 or zp not in readers:
             continue
         names = movable(zp)
         if names is None:
             continue
+        moved += 1
         for name in dict.fromkeys(names):
             shifted = numpy_helper.to_array(inits[name]).astype(np.int16) + 128
             inits[name].CopyFrom(numpy_helper.from_array(shifted.astype(np.uint8), name))
@@ -163,7 +165,7 @@ def unsigned_int8_weights(model: bytes) -> bytes:
                                  if n.op_type == "QuantizeLinear")]:
             if tensor in declared:
                 declared[tensor].type.tensor_type.elem_type = onnx.TensorProto.UINT8
-    return bytes(m.SerializeToString())
+    return bytes(m.SerializeToString()) if moved else model
 
 
 def session_model(model: bytes) -> bytes:
@@ -182,8 +184,12 @@ def open_session(model_path: Path,
     import onnx
 
     stored = onnx.load(str(model_path)).SerializeToString()  # with any external data
+    unsigned = unsigned_int8_weights(stored)
+    if unsigned is stored:  # no s8 weights: nothing saturates
+        return ort.InferenceSession(stored, sess_options=options,
+                                    providers=["CPUExecutionProvider"]), False
     try:
-        return ort.InferenceSession(unsigned_int8_weights(stored), sess_options=options,
+        return ort.InferenceSession(unsigned, sess_options=options,
                                     providers=["CPUExecutionProvider"]), True
     except Exception as err:  # onnxruntime's own untyped errors
         logger.warning("%s: its int8 weights as u8 do not load (%s); running it as stored, "
@@ -316,9 +322,9 @@ class Detector:
         self.unsigned_int8 = unsigned
         """True when this CPU's fused u8 x s8 kernels saturate and the model's s8 weights run
         as u8 (`unsigned_int8_weights`): the same outputs, slower kernels."""
-        if self.unsigned_int8:
-            logger.info("%s: this CPU's u8 x s8 kernels saturate; running its int8 weights "
-                        "as u8 (same outputs, slower kernels)", model_path)
+        if self.unsigned_int8:  # every command builds a detector: not above DEBUG
+            logger.debug("%s: this CPU's u8 x s8 kernels saturate; running its int8 weights "
+                         "as u8 (same outputs, slower kernels)", model_path)
         self._check_io()
         self.classes = card.classes
         self.window_frames = card.window_frames
