@@ -45,8 +45,8 @@ class ModelConfig(Strict, frozen=True):
     """The event detector: an ONNX model with its model card beside it (same name, .json)."""
 
     path: Path = Path("models/events.onnx")
-    """ONNX file; relative paths are resolved against the config file's folder (given as a
-    CLI override: the working folder). Left out: the shipped model, from any folder."""
+    """ONNX file; a relative path is resolved against the config file's folder (without a
+    config file, the working folder). Left out: the shipped model, from any folder."""
     threads: Annotated[int, _range(1, 64)] = 1
     """onnxruntime intra-op threads."""
     stride_ms: Annotated[float, _range(10, 5000)] = 100.0

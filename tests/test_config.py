@@ -119,8 +119,8 @@ def test_every_key_is_documented_in_the_shipped_config() -> None:
 def test_without_a_config_file_the_shipped_model_is_found_from_any_folder(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`audio-monitor analyze clip.wav` run outside the checkout (or with a config file that
-    leaves model.path out) uses the shipped model; a relative model.path given as a CLI
-    override means the working folder's, in a config file the file's folder's."""
+    leaves model.path out) uses the shipped model; a relative model.path given without a
+    config file means the working folder's, in a config file the file's folder's."""
     from monitor.config import MODELS_DIR
 
     monkeypatch.chdir(tmp_path)

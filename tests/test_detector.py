@@ -253,15 +253,17 @@ def test_every_shipped_graph_loses_its_int8_weights() -> None:
     no INT8 initializer is left, so none of them runs a saturating kernel."""
     import onnx
 
-    from monitor.detect.detector import unsigned_int8_weights
+    from monitor.detect.detector import signed_zero_points, unsigned_int8_weights
     from monitor.training.compose import embedding_model_bytes
 
     yamnet = EVENTS.parent / "yamnet.onnx"
     if not (EVENTS.is_file() and yamnet.is_file()):
         pytest.skip("models absent: run `audio-monitor fetch-models`")
     for data in (EVENTS.read_bytes(), yamnet.read_bytes(), embedding_model_bytes(yamnet)):
-        graph = onnx.load_from_string(unsigned_int8_weights(data)).graph
+        moved = unsigned_int8_weights(data)
+        graph = onnx.load_from_string(moved).graph
         assert not [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        assert signed_zero_points(data) > 0 and signed_zero_points(moved) == 0
 
 
 @pytest.mark.parametrize("exposed", ["graph output", "other operator"])
@@ -272,7 +274,12 @@ def test_unsigned_int8_weights_leave_a_zero_point_others_can_see(exposed: str) -
     import onnx
     from onnx import TensorProto, helper
 
-    from monitor.detect.detector import _saturation_probe, probe_int8, unsigned_int8_weights
+    from monitor.detect.detector import (
+        _saturation_probe,
+        probe_int8,
+        signed_zero_points,
+        unsigned_int8_weights,
+    )
 
     model = onnx.load_from_string(_saturation_probe())
     info = helper.make_tensor_value_info("w_q", TensorProto.INT8, [1, 64, 1, 1])
@@ -287,6 +294,7 @@ def test_unsigned_int8_weights_leave_a_zero_point_others_can_see(exposed: str) -
     zero_points = {t.name: t.data_type for t in onnx.load_from_string(moved).graph.initializer}
     assert zero_points["zp_s8"] == TensorProto.INT8
     assert probe_int8(moved) == probe_int8(data)
+    assert signed_zero_points(moved) == 1  # what open_session warns about
 
 
 def test_a_failing_int8_probe_runs_models_as_stored(monkeypatch: pytest.MonkeyPatch,

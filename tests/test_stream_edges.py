@@ -7,6 +7,7 @@ and every window that holds real audio is scored, however short the stream.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -254,8 +255,9 @@ def test_analyze_outside_the_checkout_uses_the_shipped_model(shared_data: Path,
 def test_analyze_takes_a_folder_as_the_audio_files_under_it(shared_data: Path,
                                                             config_file: Path,
                                                             tmp_path: Path) -> None:
-    """Every audio file under a folder, at any depth, in path order; other files skipped; a
-    folder with no audio is named in one error line (exit 2), the rest still analysed."""
+    """Every audio file under a folder, at any depth, in path order, once; other files, headerless
+    RAW and hidden files and folders skipped; a folder with no audio is named in one error
+    line (exit 2), the rest still analysed."""
     import subprocess
     import sys
 
@@ -266,15 +268,41 @@ def test_analyze_takes_a_folder_as_the_audio_files_under_it(shared_data: Path,
     sf.write(str(tmp_path / "ward" / "bed1.wav"), short, RATE, subtype="PCM_16")
     sf.write(str(tmp_path / "ward" / "night" / "bed2.FLAC"), short, RATE, format="FLAC")
     (tmp_path / "ward" / "notes.txt").write_text("not audio\n", encoding="utf-8")
+    (tmp_path / "ward" / "take.raw").write_bytes(bytes(1000))  # headerless: no rate
+    (tmp_path / "ward" / "._bed1.wav").write_bytes(b"AppleDouble")  # macOS metadata
+    (tmp_path / "ward" / ".git").mkdir()
+    sf.write(str(tmp_path / "ward" / ".git" / "x.wav"), short, RATE, subtype="PCM_16")
     (tmp_path / "empty").mkdir()
     found = [tmp_path / "ward" / "bed1.wav", tmp_path / "ward" / "night" / "bed2.FLAC"]
-    assert expand_folders([tmp_path / "ward"]) == found
+    assert expand_folders([tmp_path / "ward", found[0]]) == (found, [])
     result = subprocess.run(
         [sys.executable, "-m", "monitor", "analyze", "--config", str(config_file),
-         str(tmp_path / "ward"), str(tmp_path / "empty")],
+         str(tmp_path / "ward"), str(tmp_path / "empty"), str(found[0])],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     assert lines[0] == (f"audio-monitor: error: folder {tmp_path / 'empty'} holds no audio "
                         "files (.wav, .flac, .ogg, .mp3 or another format libsndfile reads)")
     assert [line.split(": ")[2] for line in lines[1:]] == [str(f) for f in found]
+
+
+def test_analyze_names_files_it_cannot_open_in_one_line(shared_data: Path, config_file: Path,
+                                                       tmp_path: Path) -> None:
+    """A headerless RAW file (no rate to read it at) is one error line; a name that is not
+    UTF-8 (old Samba shares, Latin-1 drives) is read like any other. Neither ends the run."""
+    import subprocess
+    import sys
+
+    raw = tmp_path / "take.raw"
+    raw.write_bytes(bytes(1000))
+    latin1 = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.wav")
+    sf.write(os.fsencode(latin1), real_clip(shared_data)[:round(0.2 * RATE)], RATE)
+    result = subprocess.run(
+        [sys.executable, "-m", "monitor", "analyze", "--config", str(config_file), str(raw),
+         latin1], capture_output=True, text=True, timeout=120, errors="backslashreplace")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == (f"audio-monitor: error: cannot read audio file {raw}: samplerate "
+                        "must be specified")
+    assert lines[1].startswith("audio-monitor: warning: ") and "holds 0.200 s" in lines[1]
+    assert len(lines) == 2

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,26 +115,43 @@ def analyze_file(path: Path, *, config: Config,
 
 
 def audio_suffixes() -> frozenset[str]:
-    """File name endings of the formats libsndfile reads (`.wav`, `.flac`, `.ogg`, `.mp3`,
-    ...), lower case."""
+    """File name endings of the formats libsndfile reads with a header (`.wav`, `.flac`,
+    `.ogg`, `.mp3`, ...), lower case; headerless `.raw` is left out (no rate to read it at)."""
     import soundfile
 
     return frozenset({f".{name.lower()}" for name in soundfile.available_formats()}
-                     | {".aif", ".oga", ".opus"})
+                     | {".aif", ".oga", ".opus"}) - {".raw"}
 
 
-def expand_folders(paths: Sequence[Path]) -> list[Path]:
-    """`paths` with each folder replaced by the audio files under it (any depth, sorted by
-    path; other files skipped). Files are kept as given, whatever their name."""
+def expand_folders(paths: Sequence[Path],
+                   warn: Callable[[str], None] | None = None) -> tuple[list[Path], list[Path]]:
+    """(`paths` with each folder replaced by the audio files under it, the folders that held
+    none). Under a folder: any depth, in path order, hidden files and folders (a name starting
+    with `.`, such as macOS's `._x.wav`) and other files skipped, symbolic links to folders not
+    followed; a subfolder that cannot be listed is passed to `warn`. Files are kept as given,
+    whatever their name; a path given twice (or a file also under a given folder) once."""
     suffixes = audio_suffixes()
-    out: list[Path] = []
+    out: dict[Path, None] = {}
+    empty = []
     for path in paths:
-        if path.is_dir():
-            out.extend(sorted(f for f in path.rglob("*")
-                              if f.is_file() and f.suffix.lower() in suffixes))
-        else:
-            out.append(path)
-    return out
+        if not path.is_dir():
+            out.setdefault(path)
+            continue
+        found = []
+
+        def unreadable(err: OSError) -> None:
+            if warn is not None:
+                warn(f"cannot list folder {err.filename}: {err.strerror}")
+
+        for root, dirs, names in os.walk(path, onerror=unreadable):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            found += [Path(root) / n for n in names
+                      if not n.startswith(".") and Path(n).suffix.lower() in suffixes]
+        if not found:
+            empty.append(path)
+        for f in sorted(found):
+            out.setdefault(f)
+    return list(out), empty
 
 
 def analyze_command(files: Sequence[Path], *, config: Config, table: bool) -> int:
@@ -143,12 +161,16 @@ def analyze_command(files: Sequence[Path], *, config: Config, table: bool) -> in
     detector = Detector(config.model.path, threads=config.model.threads)
     rows = []
     failed = 0
-    for folder in (f for f in files if f.is_dir()):
-        if not expand_folders([folder]):
-            print(f"audio-monitor: error: folder {folder} holds no audio files (.wav, .flac, "
-                  ".ogg, .mp3 or another format libsndfile reads)", file=sys.stderr)
-            failed += 1
-    for path in expand_folders(files):
+
+    def warn(line: str) -> None:
+        print(f"audio-monitor: warning: {line}", file=sys.stderr)
+
+    paths, empty = expand_folders(files, warn)
+    for folder in empty:
+        print(f"audio-monitor: error: folder {folder} holds no audio files (.wav, .flac, "
+              ".ogg, .mp3 or another format libsndfile reads)", file=sys.stderr)
+        failed += 1
+    for path in paths:
         try:
             result = analyze(path, config=config, detector=detector)
         except MonitorError as err:

@@ -20,6 +20,7 @@ from monitor.errors import SourceError, one_line
 __all__ = ["AudioFile", "promised_frames", "read_audio", "truncation_warning"]
 
 _ERRORS = (sf.SoundFileError, OSError, RuntimeError)  # what libsndfile raises on damage
+_OPEN_ERRORS = (*_ERRORS, TypeError, ValueError)  # headerless RAW: no rate to read it at
 
 
 class AudioFile:
@@ -34,8 +35,9 @@ class AudioFile:
         if not self.path.is_file():
             raise SourceError(f"cannot read audio file {self.path}: no such file")
         try:
-            self._file = sf.SoundFile(str(self.path))
-        except _ERRORS as err:
+            # Bytes: a name that is not UTF-8 (old Samba shares, Latin-1 drives) still opens.
+            self._file = sf.SoundFile(os.fsencode(self.path))
+        except _OPEN_ERRORS as err:
             raise SourceError(f"cannot read audio file {self.path}: {one_line(err)}") from err
         self.sample_rate: int = self._file.samplerate
         self.channels: int = self._file.channels

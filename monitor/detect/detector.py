@@ -168,6 +168,18 @@ def unsigned_int8_weights(model: bytes) -> bytes:
     return bytes(m.SerializeToString()) if moved else model
 
 
+def signed_zero_points(model: bytes) -> int:
+    """How many INT8 zero points QuantizeLinear/DequantizeLinear nodes of `model` read (main
+    graph): the layers that run u8 x s8 kernels."""
+    import onnx
+
+    graph = onnx.load_from_string(model).graph
+    int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    return len({n.input[2] for n in graph.node
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2
+                and n.input[2] in int8})
+
+
 def session_model(model: bytes) -> bytes:
     """`model` as this CPU should run it: `unsigned_int8_weights` where `int8_saturates`."""
     return unsigned_int8_weights(model) if int8_saturates() else model
@@ -177,7 +189,9 @@ def open_session(model_path: Path,
                  options: ort.SessionOptions) -> tuple[ort.InferenceSession, bool]:
     """An onnxruntime session for `model_path` as this CPU should run it, and whether its
     int8 weights run as u8 (`int8_saturates`). Where the u8 form fails to load, the model
-    runs as stored, with a warning. Raises what onnxruntime and onnx raise for a bad file."""
+    runs as stored, and where some s8 zero points could not move (`signed_zero_points`), they
+    stay: each with a warning, since those layers saturate. Raises what onnxruntime and onnx
+    raise for a bad file."""
     if not int8_saturates():
         return ort.InferenceSession(str(model_path), sess_options=options,
                                     providers=["CPUExecutionProvider"]), False
@@ -185,18 +199,26 @@ def open_session(model_path: Path,
 
     stored = onnx.load(str(model_path)).SerializeToString()  # with any external data
     unsigned = unsigned_int8_weights(stored)
-    if unsigned is stored:  # no s8 weights: nothing saturates
+    session = None
+    if unsigned is not stored:
+        try:
+            session = ort.InferenceSession(unsigned, sess_options=options,
+                                           providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's own untyped errors
+            logger.warning("%s: its int8 weights as u8 do not load (%s); running it as "
+                           "stored, where this CPU's u8 x s8 kernels saturate", model_path,
+                           str(err).strip().splitlines()[0] if str(err).strip() else repr(err))
+            return ort.InferenceSession(stored, sess_options=options,
+                                        providers=["CPUExecutionProvider"]), False
+    left = signed_zero_points(unsigned)
+    if left:
+        logger.warning("%s: %d int8 zero points cannot be stored as u8 (another operator, a "
+                       "graph input or output or a subgraph sees them); those layers run on "
+                       "this CPU's saturating u8 x s8 kernels", model_path, left)
+    if session is None:
         return ort.InferenceSession(stored, sess_options=options,
                                     providers=["CPUExecutionProvider"]), False
-    try:
-        return ort.InferenceSession(unsigned, sess_options=options,
-                                    providers=["CPUExecutionProvider"]), True
-    except Exception as err:  # onnxruntime's own untyped errors
-        logger.warning("%s: its int8 weights as u8 do not load (%s); running it as stored, "
-                       "where this CPU's u8 x s8 kernels saturate", model_path,
-                       str(err).strip().splitlines()[0] if str(err).strip() else repr(err))
-    return ort.InferenceSession(stored, sess_options=options,
-                                providers=["CPUExecutionProvider"]), False
+    return session, True
 
 
 @dataclass(frozen=True)
