@@ -55,8 +55,10 @@ def run_daemon(config: Config, *, reload: Callable[[], Config],
     signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
     daemon.sink.start(Live(counters=daemon.counters, state=lambda: daemon.health.state,
                            gauges=daemon.gauges))
-    logger.info("publishing on %s as %s; model %s; source %s", publisher.bound_endpoint,
-                config.sensor_id, detector.card.name, source.description)
+    logger.info("publishing on %s as %s; model %s%s; source %s", publisher.bound_endpoint,
+                config.sensor_id, detector.card.name,
+                " (int8 weights as u8: this CPU's u8 x s8 kernels saturate)"
+                if detector.unsigned_int8 else "", source.description)
     logger.info("%s", aot_status())
     if wait_subscriber_s > 0 and not publisher.wait_for_subscriber(wait_subscriber_s):
         logger.warning("no subscriber after %.1f s; starting anyway", wait_subscriber_s)
