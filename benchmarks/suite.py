@@ -168,7 +168,7 @@ def bench_analyze(path: Path) -> dict[str, Any]:
 
     from monitor.apps.analyze import analyze_file
     from monitor.config import load_config
-    from monitor.detect.detector import Detector, session_model
+    from monitor.detect.detector import Detector, open_session
 
     model = REPO / "models" / ("events.onnx" if (REPO / "models" / "events.onnx").is_file()
                                else "yamnet.onnx")
@@ -186,8 +186,7 @@ def bench_analyze(path: Path) -> dict[str, Any]:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(session_model(model.read_bytes()), options,
-                                   providers=["CPUExecutionProvider"])
+    session, _ = open_session(model, options)  # the detector's form of the model
     card = detector.card
     t0 = time.perf_counter()
     audio, _ = librosa.load(str(path), sr=RATE, mono=True)

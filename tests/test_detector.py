@@ -160,6 +160,15 @@ def test_unsigned_int8_weights_sum_exactly_where_signed_kernels_saturate() -> No
         assert signed < 0.6 * EXACT_PROBE
 
 
+def test_the_shipped_probe_file_is_the_probe_graph() -> None:
+    """`int8_saturates` reads the probe from a file (no `onnx` import at start); it must be
+    the graph `_saturation_probe` builds. To remake it: `PROBE_FILE.write_bytes(
+    _saturation_probe())`."""
+    from monitor.detect.detector import PROBE_FILE, _saturation_probe
+
+    assert PROBE_FILE.read_bytes() == _saturation_probe()
+
+
 def test_unsigned_int8_weights_keep_every_dequantised_value() -> None:
     """Every INT8 zero point (and INT8 initializer a DequantizeLinear reads) moves up by 128
     as UINT8; the graph's float outputs on the shipped model are the same bit for bit."""

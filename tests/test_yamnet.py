@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 
 from monitor.detect import yamnet
-from monitor.detect.detector import session_model
+from monitor.detect.detector import open_session
 from monitor.dsp.frontend import FrontendParams, logmel_of
 from monitor.errors import ModelError
 
@@ -61,8 +61,7 @@ def session() -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
-    return ort.InferenceSession(session_model(MODEL.read_bytes()), opts,
-                                providers=["CPUExecutionProvider"])
+    return open_session(MODEL, opts)[0]
 
 
 def test_card_agrees_with_pinned_assembly(card: dict) -> None:

@@ -133,16 +133,16 @@ def expand_folders(paths: Sequence[Path],
     suffixes = audio_suffixes()
     out: dict[Path, None] = {}
     empty = []
+
+    def unreadable(err: OSError) -> None:
+        if warn is not None:
+            warn(f"cannot list folder {err.filename}: {err.strerror}")
+
     for path in paths:
         if not path.is_dir():
             out.setdefault(path)
             continue
         found = []
-
-        def unreadable(err: OSError) -> None:
-            if warn is not None:
-                warn(f"cannot list folder {err.filename}: {err.strerror}")
-
         for root, dirs, names in os.walk(path, onerror=unreadable):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             found += [Path(root) / n for n in names

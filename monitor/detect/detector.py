@@ -31,6 +31,16 @@ CARD_SCHEMA = 1
 ORT_SPINNING_ENV = "AUDIO_MONITOR_ORT_SPINNING"
 """Set to 1 to keep onnxruntime's spin-waiting pool threads (benchmarks compare)."""
 _PROBE_CHANNELS = 64
+PROBE_FILE = Path(__file__).with_name("int8_probe.onnx")
+"""`_saturation_probe`, serialised: read at start instead of importing `onnx` (about a
+second) to build it; a test checks the two are the same bytes."""
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+def _first_line(err: BaseException) -> str:
+    """onnxruntime's and onnx's errors span lines; their first names the problem."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)
 
 
 def _saturation_probe() -> bytes:
@@ -63,13 +73,13 @@ def _saturation_probe() -> bytes:
 
 
 def probe_int8(model: bytes | None = None) -> float:
-    """Run `_saturation_probe` (or `model`, the same graph in another form) through
+    """Run the probe (`PROBE_FILE`, or `model`, the same graph in another form) through
     onnxruntime's default optimisation on this CPU: its output, 2,070,000 (207 x 1e4) where
     the fused kernels sum exactly."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(model or _saturation_probe(), options,
+    session = ort.InferenceSession(model or PROBE_FILE.read_bytes(), options,
                                    providers=["CPUExecutionProvider"])
     x = np.full((1, _PROBE_CHANNELS, 1, 1), 255.0, np.float32)
     return float(session.run(None, {"x": x})[0].ravel()[0])
@@ -89,6 +99,11 @@ def int8_saturates() -> bool:
     except Exception as err:  # onnx or onnxruntime, untyped: the models still load as they are
         logger.warning("int8 kernel probe failed (%s); running quantised models as stored", err)
         return False
+
+
+def _reads_zero_point(node: Any, zp: str) -> bool:
+    """Whether `node` (an onnx NodeProto) is a QuantizeLinear/DequantizeLinear reading `zp`."""
+    return node.op_type in _QDQ and len(node.input) > 2 and node.input[2] == zp
 
 
 def unsigned_int8_weights(model: bytes) -> bytes:
@@ -120,14 +135,10 @@ def unsigned_int8_weights(model: bytes) -> bytes:
     seen = {v.name for v in g.input} | {v.name for v in g.output}
     declared = {v.name: v for v in g.value_info}  # shape inference's types: retyped below
 
-    def reads_zero_point(node: onnx.NodeProto, zp: str) -> bool:
-        return (node.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and len(node.input) > 2 and node.input[2] == zp)
-
     def movable(zp: str) -> list[str] | None:
         """`zp` and the INT8 initializers that move with it, or None where anything but its
         own Q/DQ pairs could see them."""
-        if zp in seen or any(not reads_zero_point(n, zp) for n in readers[zp]):
+        if zp in seen or any(not _reads_zero_point(n, zp) for n in readers[zp]):
             return None
         names = [zp]
         quantised = {n.output[0] for n in readers[zp] if n.op_type == "QuantizeLinear"}
@@ -135,7 +146,7 @@ def unsigned_int8_weights(model: bytes) -> bytes:
             if node.op_type == "QuantizeLinear":
                 out = node.output[0]
                 if out in seen or any(not (n.op_type == "DequantizeLinear"
-                                           and reads_zero_point(n, zp) and n.input[0] == out)
+                                           and _reads_zero_point(n, zp) and n.input[0] == out)
                                       for n in readers.get(out, [])):
                     return None
                 continue
@@ -144,7 +155,7 @@ def unsigned_int8_weights(model: bytes) -> bytes:
                 continue
             t = inits.get(data)
             if t is None or t.data_type != int8 or data in seen or any(
-                    n.op_type != "DequantizeLinear" or not reads_zero_point(n, zp)
+                    n.op_type != "DequantizeLinear" or not _reads_zero_point(n, zp)
                     for n in readers[data]):
                 return None
             names.append(data)
@@ -175,50 +186,45 @@ def signed_zero_points(model: bytes) -> int:
 
     graph = onnx.load_from_string(model).graph
     int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
-    return len({n.input[2] for n in graph.node
-                if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2
-                and n.input[2] in int8})
+    return len({zp for zp in int8 if any(_reads_zero_point(n, zp) for n in graph.node)})
 
 
-def session_model(model: bytes) -> bytes:
-    """`model` as this CPU should run it: `unsigned_int8_weights` where `int8_saturates`."""
-    return unsigned_int8_weights(model) if int8_saturates() else model
+def open_session(model: Path | bytes, options: ort.SessionOptions, *,
+                 name: object = None) -> tuple[ort.InferenceSession, bool]:
+    """An onnxruntime session for `model` (a file, or a graph's bytes; `name` for the log) as
+    this CPU should run it, and whether its int8 weights run as u8 (`int8_saturates`). Where
+    the u8 form fails to load, the model runs as stored, and where some s8 zero points could
+    not move (`signed_zero_points`), they stay: each with a warning, since those layers
+    saturate. Raises what onnxruntime and onnx raise for a bad model."""
+    name = model if name is None and isinstance(model, Path) else name
 
+    def session(data: bytes | str) -> ort.InferenceSession:
+        return ort.InferenceSession(data, sess_options=options,
+                                    providers=["CPUExecutionProvider"])
 
-def open_session(model_path: Path,
-                 options: ort.SessionOptions) -> tuple[ort.InferenceSession, bool]:
-    """An onnxruntime session for `model_path` as this CPU should run it, and whether its
-    int8 weights run as u8 (`int8_saturates`). Where the u8 form fails to load, the model
-    runs as stored, and where some s8 zero points could not move (`signed_zero_points`), they
-    stay: each with a warning, since those layers saturate. Raises what onnxruntime and onnx
-    raise for a bad file."""
     if not int8_saturates():
-        return ort.InferenceSession(str(model_path), sess_options=options,
-                                    providers=["CPUExecutionProvider"]), False
+        return session(str(model) if isinstance(model, Path) else model), False
     import onnx
 
-    stored = onnx.load(str(model_path)).SerializeToString()  # with any external data
+    # A file's bytes with any external data it names.
+    stored = onnx.load(str(model)).SerializeToString() if isinstance(model, Path) else model
     unsigned = unsigned_int8_weights(stored)
-    session = None
-    if unsigned is not stored:
+    if unsigned is stored:
+        fitted = None
+    else:
         try:
-            session = ort.InferenceSession(unsigned, sess_options=options,
-                                           providers=["CPUExecutionProvider"])
+            fitted = session(unsigned)
         except Exception as err:  # onnxruntime's own untyped errors
             logger.warning("%s: its int8 weights as u8 do not load (%s); running it as "
-                           "stored, where this CPU's u8 x s8 kernels saturate", model_path,
-                           str(err).strip().splitlines()[0] if str(err).strip() else repr(err))
-            return ort.InferenceSession(stored, sess_options=options,
-                                        providers=["CPUExecutionProvider"]), False
+                           "stored, where this CPU's u8 x s8 kernels saturate", name,
+                           _first_line(err))
+            return session(stored), False
     left = signed_zero_points(unsigned)
     if left:
         logger.warning("%s: %d int8 zero points cannot be stored as u8 (another operator, a "
                        "graph input or output or a subgraph sees them); those layers run on "
-                       "this CPU's saturating u8 x s8 kernels", model_path, left)
-    if session is None:
-        return ort.InferenceSession(stored, sess_options=options,
-                                    providers=["CPUExecutionProvider"]), False
-    return session, True
+                       "this CPU's saturating u8 x s8 kernels", name, left)
+    return (session(stored), False) if fitted is None else (fitted, True)
 
 
 @dataclass(frozen=True)
@@ -339,8 +345,8 @@ class Detector:
         try:
             self._session, unsigned = open_session(model_path, options)
         except Exception as err:  # onnxruntime raises its own untyped errors
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-            raise ModelError(f"model file {model_path} cannot be loaded: {first_line}") from err
+            raise ModelError(f"model file {model_path} cannot be loaded: "
+                             f"{_first_line(err)}") from err
         self.unsigned_int8 = unsigned
         """True when this CPU's fused u8 x s8 kernels saturate and the model's s8 weights run
         as u8 (`unsigned_int8_weights`): the same outputs, slower kernels."""

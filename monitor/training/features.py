@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from monitor.detect.detector import session_model
+from monitor.detect.detector import open_session
 from monitor.detect.yamnet import MODEL_SHA256, WINDOW_FRAMES
 from monitor.dsp.frontend import FrontendParams, logmel_of
 from monitor.training.compose import AUDIOSET_DIM, EMBEDDING_DIM, embedding_model_bytes
@@ -66,9 +66,8 @@ class Embedder:
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
         # The features the daemon computes, the same on every CPU.
-        self._session = ort.InferenceSession(session_model(embedding_model_bytes(yamnet_path)),
-                                             options,
-                                             providers=["CPUExecutionProvider"])
+        self._session, _ = open_session(embedding_model_bytes(yamnet_path), options,
+                                        name=yamnet_path)
 
     def embed(self, windows: np.ndarray) -> np.ndarray:
         """(n, 96, 64) float32 -> (n, 1024) float32 embeddings."""
