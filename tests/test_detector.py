@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -319,8 +320,8 @@ def test_a_failing_int8_probe_runs_models_as_stored(monkeypatch: pytest.MonkeyPa
 
 
 def test_a_u8_form_that_does_not_load_falls_back_to_the_model_as_stored(
-        tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        u8_cache: Path) -> None:
     import monitor.detect.detector as detector
 
     monkeypatch.setattr(detector, "int8_saturates", lambda: True)
@@ -334,14 +335,77 @@ def test_a_u8_form_that_does_not_load_falls_back_to_the_model_as_stored(
     assert det.score()[0] == pytest.approx(loud_score(frames.astype(np.float32)), abs=1e-5)
 
 
+@pytest.fixture
+def u8_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache folder of this test's own for u8 forms (`u8_cache_dir`)."""
+    monkeypatch.setenv("CACHE_DIRECTORY", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "int8"
+
+
 def test_a_model_without_int8_weights_runs_as_stored_where_kernels_saturate(
-        tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch, u8_cache: Path) -> None:
     import monitor.detect.detector as detector
 
     monkeypatch.setattr(detector, "int8_saturates", lambda: True)
     assert Detector(tiny_model, threads=1).unsigned_int8 is False
     if EVENTS.is_file():
         assert Detector(EVENTS).unsigned_int8 is True
+
+
+def test_the_u8_form_is_kept_and_later_starts_use_it(
+        monkeypatch: pytest.MonkeyPatch, u8_cache: Path) -> None:
+    """Where kernels saturate, the first start keeps the u8 form; a later start loads it
+    without rewriting the graph, with the same scores; a damaged file is made again."""
+    import hashlib
+
+    import monitor.detect.detector as detector
+
+    if not EVENTS.is_file():
+        pytest.skip("models/events.onnx not composed (audio-monitor fetch-models)")
+    monkeypatch.setattr(detector, "int8_saturates", lambda: True)
+    windows = np.random.default_rng(3).normal(-4.0, 2.0, (2, 96, 64)).astype(np.float32)
+    first = Detector(EVENTS)
+    assert first.unsigned_int8 is True
+    kept = u8_cache / f"u8-{hashlib.sha256(EVENTS.read_bytes()).hexdigest()}.onnx"
+    assert kept.is_file()
+    assert detector.signed_zero_points(kept.read_bytes()) == 0
+    rewrite = detector.unsigned_int8_weights
+
+    def not_again(model: bytes) -> bytes:
+        raise AssertionError("the graph was rewritten although its u8 form was kept")
+
+    monkeypatch.setattr(detector, "unsigned_int8_weights", not_again)
+    second = Detector(EVENTS)
+    assert second.unsigned_int8 is True
+    assert np.array_equal(_scores_of(second, windows), _scores_of(first, windows))
+    kept.write_bytes(kept.read_bytes()[:1000])
+    monkeypatch.setattr(detector, "unsigned_int8_weights", rewrite)
+    third = Detector(EVENTS)
+    assert third.unsigned_int8 is True
+    assert detector.signed_zero_points(kept.read_bytes()) == 0  # made again, whole
+    assert np.array_equal(_scores_of(third, windows), _scores_of(first, windows))
+
+
+def test_u8_forms_are_kept_where_systemd_or_xdg_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    from monitor.detect.detector import u8_cache_dir
+
+    monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/audio-monitor:/var/cache/other")
+    assert u8_cache_dir() == Path("/var/cache/audio-monitor/int8")
+    monkeypatch.delenv("CACHE_DIRECTORY")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/x/cache")
+    assert u8_cache_dir() == Path("/x/cache/audio-monitor/int8")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", "/home/nurse")
+    assert u8_cache_dir() == Path("/home/nurse/.cache/audio-monitor/int8")
+
+
+def _scores_of(det: Detector, windows: np.ndarray) -> np.ndarray:
+    out = []
+    for w in windows:
+        for frame in w:
+            det.push(frame)
+        out.append(det.score().copy())
+    return np.stack(out)
 
 
 QEMU_CPU = "Haswell"
@@ -361,24 +425,18 @@ for i, model in enumerate(sys.argv[3:]):
             det.push(frame)
         out.append(det.score().copy())
     np.save(f"{sys.argv[2]}{i}.npy", np.stack(out))
-print(int8_saturates())
+print(int8_saturates(), "onnx" in sys.modules)
 """
 
 
 def _scores(model: Path, windows: np.ndarray) -> np.ndarray:
-    det = Detector(model)
-    out = []
-    for w in windows:
-        for frame in w:
-            det.push(frame)
-        out.append(det.score().copy())
-    return np.stack(out)
+    return _scores_of(Detector(model), windows)
 
 
 def test_detector_scores_are_the_same_on_an_emulated_avx2_cpu(tmp_path: Path) -> None:
     """The shipped event model's and YAMNet's scores on an emulated AVX2-only CPU (qemu user
     mode) equal this CPU's bit for bit, where the s8 graphs' own fused kernels would
-    saturate there."""
+    saturate there; a second start reads the u8 forms the first kept, without `onnx`."""
     import platform
     import subprocess
     import sys
@@ -392,13 +450,18 @@ def test_detector_scores_are_the_same_on_an_emulated_avx2_cpu(tmp_path: Path) ->
     np.save(tmp_path / "w.npy", windows)
     script = tmp_path / "emulated.py"
     script.write_text(_EMULATED_SCORES)
-    run = subprocess.run(
-        [qemu, "-cpu", QEMU_CPU, sys.executable, str(script), str(tmp_path / "w.npy"),
-         str(tmp_path / "out"), str(EVENTS), str(yamnet)],
-        capture_output=True, text=True, timeout=600, check=False)
-    assert run.returncode == 0, run.stderr[-2000:]
-    if "requested feature: CPUID.07H:EBX.avx2" in run.stderr:
-        pytest.skip("this qemu cannot emulate AVX2 (qemu >= 7.2 can)")
-    assert run.stdout.strip() == "True"  # the emulated CPU saturates: the test has teeth
-    for i, model in enumerate((EVENTS, yamnet)):
-        assert np.array_equal(np.load(tmp_path / f"out{i}.npy"), _scores(model, windows)), model
+    env = {**os.environ, "CACHE_DIRECTORY": str(tmp_path / "cache")}
+    for start in ("first", "second"):
+        run = subprocess.run(
+            [qemu, "-cpu", QEMU_CPU, sys.executable, str(script), str(tmp_path / "w.npy"),
+             str(tmp_path / "out"), str(EVENTS), str(yamnet)],
+            capture_output=True, text=True, timeout=600, check=False, env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        if "requested feature: CPUID.07H:EBX.avx2" in run.stderr:
+            pytest.skip("this qemu cannot emulate AVX2 (qemu >= 7.2 can)")
+        # The emulated CPU saturates (the test has teeth); only the first start rewrites.
+        assert run.stdout.split() == ["True", str(start == "first")], (start, run.stdout)
+        for i, model in enumerate((EVENTS, yamnet)):
+            assert np.array_equal(np.load(tmp_path / f"out{i}.npy"),
+                                  _scores(model, windows)), (start, model)
+    assert len(list((tmp_path / "cache" / "int8").glob("u8-*.onnx"))) == 2

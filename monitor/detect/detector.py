@@ -9,6 +9,7 @@ on fails loudly at start-up instead of scoring garbage for months.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -189,13 +190,53 @@ def signed_zero_points(model: bytes) -> int:
     return len({zp for zp in int8 if any(_reads_zero_point(n, zp) for n in graph.node)})
 
 
+U8_CACHE_DAYS = 30
+"""A cached u8 form unused for this long is deleted when another is written."""
+
+
+def u8_cache_dir() -> Path | None:
+    """Where u8 forms of models are kept between runs (`open_session`): systemd's
+    `CacheDirectory` ($CACHE_DIRECTORY), else $XDG_CACHE_HOME or ~/.cache, in an
+    `audio-monitor/int8` folder; None when no such folder can be named."""
+    systemd = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    if systemd:
+        return Path(systemd) / "int8"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return None if base.startswith("~") else Path(base) / "audio-monitor" / "int8"
+
+
+def _cached_u8_path(model: bytes) -> Path | None:
+    folder = u8_cache_dir()
+    return None if folder is None else folder / f"u8-{hashlib.sha256(model).hexdigest()}.onnx"
+
+
+def _keep_u8(path: Path, data: bytes) -> None:
+    """Write a u8 form atomically, and delete those unused for U8_CACHE_DAYS; best effort (a
+    read-only or full disk only costs the next start the rewrite)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        cutoff = path.stat().st_mtime - U8_CACHE_DAYS * 86400
+        for old in path.parent.glob("u8-*.onnx"):
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+    except OSError as err:
+        logger.debug("cannot keep the u8 form in %s: %s", path.parent, err)
+
+
 def open_session(model: Path | bytes, options: ort.SessionOptions, *,
                  name: object = None) -> tuple[ort.InferenceSession, bool]:
     """An onnxruntime session for `model` (a file, or a graph's bytes; `name` for the log) as
     this CPU should run it, and whether its int8 weights run as u8 (`int8_saturates`). Where
     the u8 form fails to load, the model runs as stored, and where some s8 zero points could
     not move (`signed_zero_points`), they stay: each with a warning, since those layers
-    saturate. Raises what onnxruntime and onnx raise for a bad model."""
+    saturate. Raises what onnxruntime and onnx raise for a bad model.
+
+    A u8 form that loads is kept in `u8_cache_dir`, named by the sha256 of the model's bytes
+    (a file's own bytes: external data it names is not part of the name), so later starts
+    skip importing `onnx` and rewriting the graph (about a second)."""
     name = model if name is None and isinstance(model, Path) else name
 
     def session(data: bytes | str) -> ort.InferenceSession:
@@ -204,6 +245,16 @@ def open_session(model: Path | bytes, options: ort.SessionOptions, *,
 
     if not int8_saturates():
         return session(str(model) if isinstance(model, Path) else model), False
+    cached = _cached_u8_path(model.read_bytes() if isinstance(model, Path) else model)
+    if cached is not None and cached.is_file():
+        try:
+            fitted = session(cached.read_bytes())
+        except Exception as err:  # a truncated or foreign file: made again below
+            logger.debug("ignoring the cached u8 form %s: %s", cached, _first_line(err))
+        else:
+            with contextlib.suppress(OSError):
+                os.utime(cached)
+            return fitted, True
     import onnx
 
     # A file's bytes with any external data it names.
@@ -224,7 +275,11 @@ def open_session(model: Path | bytes, options: ort.SessionOptions, *,
         logger.warning("%s: %d int8 zero points cannot be stored as u8 (another operator, a "
                        "graph input or output or a subgraph sees them); those layers run on "
                        "this CPU's saturating u8 x s8 kernels", name, left)
-    return (session(stored), False) if fitted is None else (fitted, True)
+    if fitted is None:
+        return session(stored), False
+    if cached is not None and not left:
+        _keep_u8(cached, unsigned)
+    return fitted, True
 
 
 @dataclass(frozen=True)
