@@ -10,6 +10,9 @@ import pytest
 
 # Daemons started by tests keep their state (event journal, baselines) in a throw-away home.
 os.environ["HOME"] = tempfile.mkdtemp(prefix="audio-monitor-test-home-")
+# Kept u8 forms of models (monitor.detect.detector.u8_cache_dir) go to that home's ~/.cache.
+os.environ["CACHE_DIRECTORY"] = ""
+os.environ["XDG_CACHE_HOME"] = ""
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache"
                                              / "numba"))
 

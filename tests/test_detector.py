@@ -367,8 +367,9 @@ def test_a_model_without_int8_weights_runs_as_stored_where_kernels_saturate(
 
 def test_the_u8_form_is_kept_and_later_starts_use_it(
         monkeypatch: pytest.MonkeyPatch, u8_cache: Path) -> None:
-    """Where kernels saturate, the first start keeps the u8 form; a later start loads it
-    without rewriting the graph, with the same scores; a damaged file is made again."""
+    """Where kernels saturate, the first start keeps the u8 form (named by the model's and
+    its own sha256); a later start loads it without rewriting the graph, with the same
+    scores; a kept form whose bytes changed (truncated, or flipped in place) is made again."""
     import hashlib
 
     import monitor.detect.detector as detector
@@ -377,39 +378,68 @@ def test_the_u8_form_is_kept_and_later_starts_use_it(
         pytest.skip("models/events.onnx not composed (audio-monitor fetch-models)")
     monkeypatch.setattr(detector, "int8_saturates", lambda: True)
     windows = np.random.default_rng(3).normal(-4.0, 2.0, (2, 96, 64)).astype(np.float32)
-    first = Detector(EVENTS)
-    assert first.unsigned_int8 is True
-    kept = u8_cache / f"u8-{hashlib.sha256(EVENTS.read_bytes()).hexdigest()}.onnx"
-    assert kept.is_file()
-    assert detector.signed_zero_points(kept.read_bytes()) == 0
+    rewrites = []
     rewrite = detector.unsigned_int8_weights
 
-    def not_again(model: bytes) -> bytes:
-        raise AssertionError("the graph was rewritten although its u8 form was kept")
+    def counted(model: bytes) -> bytes:
+        rewrites.append(1)
+        return rewrite(model)
 
-    monkeypatch.setattr(detector, "unsigned_int8_weights", not_again)
+    monkeypatch.setattr(detector, "unsigned_int8_weights", counted)
+    first = Detector(EVENTS)
+    assert first.unsigned_int8 is True and len(rewrites) == 1
+    (kept,) = u8_cache.glob(f"u8-v*-{hashlib.sha256(EVENTS.read_bytes()).hexdigest()}-*.onnx")
+    form = kept.read_bytes()
+    assert kept.name.endswith(f"-{hashlib.sha256(form).hexdigest()}.onnx")
+    assert detector.signed_zero_points(form) == 0
     second = Detector(EVENTS)
-    assert second.unsigned_int8 is True
-    assert np.array_equal(_scores_of(second, windows), _scores_of(first, windows))
-    kept.write_bytes(kept.read_bytes()[:1000])
-    monkeypatch.setattr(detector, "unsigned_int8_weights", rewrite)
-    third = Detector(EVENTS)
-    assert third.unsigned_int8 is True
-    assert detector.signed_zero_points(kept.read_bytes()) == 0  # made again, whole
-    assert np.array_equal(_scores_of(third, windows), _scores_of(first, windows))
+    assert second.unsigned_int8 is True and len(rewrites) == 1  # read, not rewritten
+    want = _scores_of(first, windows)
+    assert np.array_equal(_scores_of(second, windows), want)
+    middle = len(form) // 2
+    for damaged in (form[:1000], form[:middle] + bytes(b ^ 0x5A for b in form[middle:middle + 64])
+                    + form[middle + 64:]):
+        kept.write_bytes(damaged)
+        again = Detector(EVENTS)
+        assert again.unsigned_int8 is True
+        assert kept.read_bytes() == form  # made again, whole
+        assert np.array_equal(_scores_of(again, windows), want)
+    assert len(rewrites) == 3
+    assert [p.name for p in u8_cache.iterdir()] == [kept.name]  # no write leftovers
+
+
+@pytest.mark.parametrize("where", ["a file", "a long name"])
+def test_a_cache_that_cannot_be_used_only_costs_the_rewrite(
+        where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import monitor.detect.detector as detector
+
+    if not EVENTS.is_file():
+        pytest.skip("models/events.onnx not composed (audio-monitor fetch-models)")
+    monkeypatch.setattr(detector, "int8_saturates", lambda: True)
+    blocked = tmp_path / "cache"
+    if where == "a file":
+        blocked.write_text("not a folder")
+    else:
+        blocked = tmp_path / ("x" * 300)
+    monkeypatch.setenv("CACHE_DIRECTORY", str(blocked))
+    assert Detector(EVENTS).unsigned_int8 is True
+    assert Detector(EVENTS).unsigned_int8 is True
 
 
 def test_u8_forms_are_kept_where_systemd_or_xdg_says(monkeypatch: pytest.MonkeyPatch) -> None:
     from monitor.detect.detector import u8_cache_dir
 
     monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/audio-monitor:/var/cache/other")
-    assert u8_cache_dir() == Path("/var/cache/audio-monitor/int8")
-    monkeypatch.delenv("CACHE_DIRECTORY")
     monkeypatch.setenv("XDG_CACHE_HOME", "/x/cache")
+    assert u8_cache_dir() == Path("/var/cache/audio-monitor/int8")
+    monkeypatch.setenv("CACHE_DIRECTORY", "relative")  # not absolute: ignored
     assert u8_cache_dir() == Path("/x/cache/audio-monitor/int8")
-    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.delenv("CACHE_DIRECTORY")
+    monkeypatch.setenv("XDG_CACHE_HOME", "cache")  # not absolute: ignored (XDG spec)
     monkeypatch.setenv("HOME", "/home/nurse")
     assert u8_cache_dir() == Path("/home/nurse/.cache/audio-monitor/int8")
+    monkeypatch.setenv("HOME", "")
+    assert u8_cache_dir() is None
 
 
 def _scores_of(det: Detector, windows: np.ndarray) -> np.ndarray:

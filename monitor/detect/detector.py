@@ -16,6 +16,8 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,38 +194,81 @@ def signed_zero_points(model: bytes) -> int:
 
 U8_CACHE_DAYS = 30
 """A cached u8 form unused for this long is deleted when another is written."""
+U8_FORM_VERSION = 1
+"""Part of a cached u8 form's name: bump when `unsigned_int8_weights` changes what it makes."""
 
 
 def u8_cache_dir() -> Path | None:
     """Where u8 forms of models are kept between runs (`open_session`): systemd's
     `CacheDirectory` ($CACHE_DIRECTORY), else $XDG_CACHE_HOME or ~/.cache, in an
-    `audio-monitor/int8` folder; None when no such folder can be named."""
+    `audio-monitor/int8` folder; None when none of them names an absolute folder."""
     systemd = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
-    if systemd:
+    if os.path.isabs(systemd):
         return Path(systemd) / "int8"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return None if base.startswith("~") else Path(base) / "audio-monitor" / "int8"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "audio-monitor" / "int8"
+    home = os.path.expanduser("~") if os.environ.get("HOME") != "" else ""
+    return Path(home) / ".cache" / "audio-monitor" / "int8" if os.path.isabs(home) else None
 
 
-def _cached_u8_path(model: bytes) -> Path | None:
+def _cached_u8(model: bytes, session: Any) -> tuple[Any, str | None]:
+    """(a session of the kept u8 form of `model`, or None; the name prefix of its forms).
+    A form is named `u8-v{U8_FORM_VERSION}-{sha256 of model}-{sha256 of the form}.onnx` and
+    used only if its bytes still hash to its name; nothing here raises (a cache that cannot
+    be read only costs the rewrite)."""
     folder = u8_cache_dir()
-    return None if folder is None else folder / f"u8-{hashlib.sha256(model).hexdigest()}.onnx"
-
-
-def _keep_u8(path: Path, data: bytes) -> None:
-    """Write a u8 form atomically, and delete those unused for U8_CACHE_DAYS; best effort (a
-    read-only or full disk only costs the next start the rewrite)."""
+    if folder is None:
+        return None, None
+    prefix = f"u8-v{U8_FORM_VERSION}-{hashlib.sha256(model).hexdigest()}-"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-        cutoff = path.stat().st_mtime - U8_CACHE_DAYS * 86400
-        for old in path.parent.glob("u8-*.onnx"):
-            if old.stat().st_mtime < cutoff:
-                old.unlink()
+        kept = sorted(folder.glob(f"{prefix}*.onnx"))
+        for path in kept:
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != path.name[len(prefix):-len(".onnx")]:
+                logger.debug("ignoring the cached u8 form %s: its bytes changed", path)
+                continue
+            try:
+                fitted = session(data)
+            except Exception as err:  # onnxruntime's own untyped errors
+                logger.debug("ignoring the cached u8 form %s: %s", path, _first_line(err))
+                continue
+            with contextlib.suppress(OSError):
+                os.utime(path)
+            return fitted, prefix
     except OSError as err:
-        logger.debug("cannot keep the u8 form in %s: %s", path.parent, err)
+        logger.debug("cannot read the u8 cache %s: %s", folder, err)
+    return None, prefix
+
+
+def _keep_u8(prefix: str, data: bytes) -> None:
+    """Write a u8 form atomically into `u8_cache_dir` and delete forms (and leftovers of
+    writes) unused for U8_CACHE_DAYS; best effort: a read-only or full disk only costs the
+    next start the rewrite."""
+    folder = u8_cache_dir()
+    if folder is None:
+        return
+    path = folder / f"{prefix}{hashlib.sha256(data).hexdigest()}.onnx"
+    tmp = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".u8-", suffix=".part")
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        tmp.replace(path)
+        tmp = None
+        cutoff = time.time() - U8_CACHE_DAYS * 86400
+        for old in [*folder.glob("u8-*.onnx"), *folder.glob(".u8-*.part")]:
+            with contextlib.suppress(OSError):
+                if old.lstat().st_mtime < cutoff:
+                    old.unlink()
+    except OSError as err:
+        logger.debug("cannot keep the u8 form in %s: %s", folder, err)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def open_session(model: Path | bytes, options: ort.SessionOptions, *,
@@ -235,8 +280,9 @@ def open_session(model: Path | bytes, options: ort.SessionOptions, *,
     saturate. Raises what onnxruntime and onnx raise for a bad model.
 
     A u8 form that loads is kept in `u8_cache_dir`, named by the sha256 of the model's bytes
-    (a file's own bytes: external data it names is not part of the name), so later starts
-    skip importing `onnx` and rewriting the graph (about a second)."""
+    (a file's own bytes: external data it names is not part of the name) and its own, so
+    later starts skip importing `onnx` and rewriting the graph (about a second); a kept form
+    whose bytes no longer hash to its name is made again."""
     name = model if name is None and isinstance(model, Path) else name
 
     def session(data: bytes | str) -> ort.InferenceSession:
@@ -245,16 +291,10 @@ def open_session(model: Path | bytes, options: ort.SessionOptions, *,
 
     if not int8_saturates():
         return session(str(model) if isinstance(model, Path) else model), False
-    cached = _cached_u8_path(model.read_bytes() if isinstance(model, Path) else model)
-    if cached is not None and cached.is_file():
-        try:
-            fitted = session(cached.read_bytes())
-        except Exception as err:  # a truncated or foreign file: made again below
-            logger.debug("ignoring the cached u8 form %s: %s", cached, _first_line(err))
-        else:
-            with contextlib.suppress(OSError):
-                os.utime(cached)
-            return fitted, True
+    fitted, prefix = _cached_u8(model.read_bytes() if isinstance(model, Path) else model,
+                                session)
+    if fitted is not None:
+        return fitted, True
     import onnx
 
     # A file's bytes with any external data it names.
@@ -277,8 +317,8 @@ def open_session(model: Path | bytes, options: ort.SessionOptions, *,
                        "this CPU's saturating u8 x s8 kernels", name, left)
     if fitted is None:
         return session(stored), False
-    if cached is not None and not left:
-        _keep_u8(cached, unsigned)
+    if prefix is not None and not left:
+        _keep_u8(prefix, unsigned)
     return fitted, True
 
 
