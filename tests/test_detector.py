@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -158,12 +157,9 @@ def test_unsigned_int8_weights_sum_exactly_where_signed_kernels_saturate() -> No
 
     assert probe_int8(unsigned_int8_weights(_saturation_probe())) == EXACT_PROBE
     signed = probe_int8()
-    flags = set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+    from monitor.training.train import cpu_kind
+
+    flags = set(cpu_kind()["flags"])
     if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
         assert signed == EXACT_PROBE
         assert not int8_saturates()
@@ -472,10 +468,6 @@ print(int8_saturates(), "onnx" in sys.modules)
 """
 
 
-def _scores(model: Path, windows: np.ndarray) -> np.ndarray:
-    return _scores_of(Detector(model), windows)
-
-
 def test_detector_scores_are_the_same_on_an_emulated_avx2_cpu(tmp_path: Path) -> None:
     """The shipped event model's and YAMNet's scores on an emulated AVX2-only CPU (qemu user
     mode) equal this CPU's bit for bit, where the s8 graphs' own fused kernels would
@@ -506,5 +498,5 @@ def test_detector_scores_are_the_same_on_an_emulated_avx2_cpu(tmp_path: Path) ->
         assert run.stdout.split() == ["True", str(start == "first")], (start, run.stdout)
         for i, model in enumerate((EVENTS, yamnet)):
             assert np.array_equal(np.load(tmp_path / f"out{i}.npy"),
-                                  _scores(model, windows)), (start, model)
+                                  _scores_of(Detector(model), windows)), (start, model)
     assert len(list((tmp_path / "cache" / "int8").glob("u8-*.onnx"))) == 2

@@ -212,11 +212,11 @@ def u8_cache_dir() -> Path | None:
     return Path(home) / ".cache" / "audio-monitor" / "int8" if os.path.isabs(home) else None
 
 
-def _cached_u8(model: bytes, session: Any) -> tuple[Any, str | None]:
-    """(a session of the kept u8 form of `model`, or None; the name prefix of its forms).
-    A form is named `u8-v{U8_FORM_VERSION}-{sha256 of model}-{sha256 of the form}.onnx` and
-    used only if its bytes still hash to its name; nothing here raises (a cache that cannot
-    be read only costs the rewrite)."""
+def _cached_u8(model: bytes, session: Any) -> tuple[Any, Path | None]:
+    """(a session of the kept u8 form of `model`, or None; the path its forms' names start
+    with, None without a cache folder). A form is named `u8-v{U8_FORM_VERSION}-{sha256 of
+    model}-{sha256 of the form}.onnx` and used only if its bytes still hash to its name;
+    nothing here raises (a cache that cannot be read only costs the rewrite)."""
     folder = u8_cache_dir()
     if folder is None:
         return None, None
@@ -235,20 +235,18 @@ def _cached_u8(model: bytes, session: Any) -> tuple[Any, str | None]:
                 continue
             with contextlib.suppress(OSError):
                 os.utime(path)
-            return fitted, prefix
+            return fitted, folder / prefix
     except OSError as err:
         logger.debug("cannot read the u8 cache %s: %s", folder, err)
-    return None, prefix
+    return None, folder / prefix
 
 
-def _keep_u8(prefix: str, data: bytes) -> None:
-    """Write a u8 form atomically into `u8_cache_dir` and delete forms (and leftovers of
-    writes) unused for U8_CACHE_DAYS; best effort: a read-only or full disk only costs the
-    next start the rewrite."""
-    folder = u8_cache_dir()
-    if folder is None:
-        return
-    path = folder / f"{prefix}{hashlib.sha256(data).hexdigest()}.onnx"
+def _keep_u8(stem: Path, data: bytes) -> None:
+    """Write a u8 form atomically as `stem` + its sha256 + `.onnx` (`_cached_u8`) and delete
+    forms (and leftovers of writes) unused for U8_CACHE_DAYS; best effort: a read-only or
+    full disk only costs the next start the rewrite."""
+    folder = stem.parent
+    path = stem.with_name(f"{stem.name}{hashlib.sha256(data).hexdigest()}.onnx")
     tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -291,8 +289,8 @@ def open_session(model: Path | bytes, options: ort.SessionOptions, *,
 
     if not int8_saturates():
         return session(str(model) if isinstance(model, Path) else model), False
-    fitted, prefix = _cached_u8(model.read_bytes() if isinstance(model, Path) else model,
-                                session)
+    fitted, stem = _cached_u8(model.read_bytes() if isinstance(model, Path) else model,
+                              session)
     if fitted is not None:
         return fitted, True
     import onnx
@@ -317,8 +315,8 @@ def open_session(model: Path | bytes, options: ort.SessionOptions, *,
                        "this CPU's saturating u8 x s8 kernels", name, left)
     if fitted is None:
         return session(stored), False
-    if prefix is not None and not left:
-        _keep_u8(prefix, unsigned)
+    if stem is not None and not left:
+        _keep_u8(stem, unsigned)
     return fitted, True
 
 
