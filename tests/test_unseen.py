@@ -14,6 +14,7 @@ from monitor.training.unseen import (
     PACKAGES,
     UnseenClip,
     judge,
+    main,
     summarise,
     table,
     unseen_clips,
@@ -72,7 +73,7 @@ def test_summary_counts_clips_events_and_hours() -> None:
     assert speech["events_per_hour"] == {"cough": 2.0, "fall": 1.0, "glass_break": 0.0}
     assert summary["all"]["clips"] == 4 and summary["all"]["hours"] == 2.0
     assert summary["sfx"]["events"]["glass_break"] == 1
-    assert "| **all** | 4 | 2.00 |" in table(summary)
+    assert "| **all** | 4 | 1 | 2.00 |" in table(summary)
 
 
 @pytest.mark.skipif(not EVENTS.is_file(), reason="models/events.onnx not composed")
@@ -86,3 +87,24 @@ def test_judge_runs_the_analyze_chain_on_each_clip(tmp_path: Path) -> None:
     (labels, seconds, error), (_, _, broken_error) = judge(clips, processes=1)
     assert labels == [] and error is None and seconds == pytest.approx(3.0, abs=0.05)
     assert broken_error is not None
+
+
+def test_a_file_under_several_names_counts_once(tmp_path: Path) -> None:
+    theme = tmp_path / "stereo"
+    theme.mkdir()
+    sf.write(theme / "bell.oga", np.zeros(1600, np.float32), 16000, format="OGG")
+    (theme / "dialog-warning.oga").symlink_to(theme / "bell.oga")
+    (theme / "words.opus").write_bytes(b"")  # any suffix libsndfile reads is audio
+    listing = {p: [] for p in PACKAGES}
+    listing["sound-theme-freedesktop"] = sorted(theme.iterdir())
+    clips = unseen_clips(lambda package: listing[package])
+    assert [c.path.name for c in clips] == ["bell.oga", "words.opus"]
+
+
+def test_bad_arguments_fail_at_start_with_one_line(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--json", str(tmp_path / "no" / "such" / "u.json")]) == 2
+    assert "no folder" in capsys.readouterr().err
+    assert main(["--models-dir", str(tmp_path)]) == 2  # no model there: no worker is started
+    err = capsys.readouterr().err
+    assert err.startswith("model:") and err.count("\n") == 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import subprocess
@@ -34,7 +35,6 @@ PACKAGES = ("asterisk-core-sounds-en-wav", "asterisk-core-sounds-es-wav",
             "sound-theme-freedesktop", "yaru-theme-sound", "deepin-sound-theme", "oxygen-sounds")
 """Debian (bookworm) packages read; `scripts/unseen-sources.sh` installs them."""
 
-AUDIO_SUFFIXES = frozenset({".wav", ".ogg", ".oga", ".flac"})
 EVENT_LIKE = re.compile(r"cough|sneez|glass|shatter|smash|crash|break|fall|thud|thump|drop|"
                         r"bump|impact|explo|bottle|plate|cup|dish|window|mirror|vase|ice_", re.I)
 """File names that may hold a cough, a fall or a glass break (or a sound a listener would take
@@ -53,8 +53,12 @@ class UnseenClip:
 
 
 def _dpkg_files(package: str) -> list[Path]:
-    """The files a package installed (empty when it is not installed)."""
-    out = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True, check=False)
+    """The files a package installed (empty when it is not installed, or there is no dpkg)."""
+    try:
+        out = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True,
+                             check=False)
+    except OSError:
+        return []
     return [Path(line) for line in out.stdout.splitlines() if line.startswith("/")] \
         if out.returncode == 0 else []
 
@@ -62,13 +66,23 @@ def _dpkg_files(package: str) -> list[Path]:
 def unseen_clips(files_of: Callable[[str], Iterable[Path]] = _dpkg_files) -> list[UnseenClip]:
     """Every clip measured, in path order within each source; `files_of(package)` lists a
     package's files (dpkg by default). Sound effects and voices named like an event are left
-    out; speech, alert sounds and music are kept whatever their name."""
+    out; speech, alert sounds and music are kept whatever their name. A file reached through
+    several names (a theme's symbolic links) counts once, under its first name in path order."""
+    from monitor.apps.analyze import audio_suffixes
+
+    suffixes = audio_suffixes()
     clips: list[UnseenClip] = []
+    seen: set[str] = set()
 
     def add(source: str, group: str, paths: Iterable[Path], *, screen: bool,
             keep: int | None = None) -> None:
-        chosen = sorted(p for p in paths if p.suffix.lower() in AUDIO_SUFFIXES
-                        and not (screen and EVENT_LIKE.search(p.name)))
+        chosen = []
+        for p in sorted(paths):
+            real = os.path.realpath(p)
+            if p.suffix.lower() in suffixes and not (screen and EVENT_LIKE.search(p.name)) \
+                    and real not in seen:
+                seen.add(real)
+                chosen.append(p)
         if keep is not None and len(chosen) > keep:
             chosen = sorted(random.Random(0).sample(chosen, keep))
         clips.extend(UnseenClip(p, source, group) for p in chosen)
@@ -106,6 +120,13 @@ def _init(model_path: str | None) -> None:
     _worker["detector"] = Detector(config.model.path, threads=1)
 
 
+def check_model(model_path: Path | None) -> None:
+    """Load the model once as the workers will; raises MonitorError (a missing or damaged
+    model, a bad card) before any worker starts."""
+    _init(str(model_path) if model_path else None)
+    _worker.clear()
+
+
 def _judge(clip: UnseenClip) -> tuple[list[str], float, str | None]:
     from monitor.apps.analyze import analyze
     from monitor.errors import MonitorError
@@ -132,7 +153,7 @@ def judge(clips: list[UnseenClip], *, model_path: Path | None = None,
 def summarise(clips: list[UnseenClip],
               results: list[tuple[list[str], float, str | None]]) -> dict[str, dict]:
     """Per source and per group: clips, hours, clips raising each event class, events per
-    hour of audio, read errors."""
+    hour of audio, read errors (a clip cut short by one still counts with what was read)."""
     out: dict[str, dict] = {}
     for clip, (labels, seconds, error) in zip(clips, results, strict=True):
         for key in (f"{clip.group}/{clip.source}", clip.group, "all"):
@@ -154,8 +175,8 @@ def summarise(clips: list[UnseenClip],
 
 def table(summary: dict[str, dict]) -> str:
     """The summary as a Markdown table: groups in bold, each followed by its sources."""
-    lines = ["| sounds | clips | hours | clips raising cough / fall / glass break | "
-             "events per hour |", "|---|---|---|---|---|"]
+    lines = ["| sounds | clips | read errors | hours | clips raising cough / fall / glass break | "
+             "events per hour |", "|---|---|---|---|---|---|"]
     for key in sorted(summary, key=lambda k: (k == "all", k.split("/")[0], "/" in k, k)):
         row = summary[key]
         counts = row["clips_raising"]
@@ -163,7 +184,8 @@ def table(summary: dict[str, dict]) -> str:
                             for c in EVENT_CLASSES)
         rate = " / ".join(f"{row['events_per_hour'][c]:.1f}" for c in EVENT_CLASSES)
         name = f"**{key}**" if "/" not in key else key
-        lines.append(f"| {name} | {row['clips']} | {row['hours']:.2f} | {raised} | {rate} |")
+        lines.append(f"| {name} | {row['clips']} | {row['errors']} | {row['hours']:.2f} | "
+                     f"{raised} | {rate} |")
     return "\n".join(lines)
 
 
@@ -173,17 +195,31 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder with events.onnx and its card (default: the shipped model)")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     args = parser.parse_args(argv)
-    clips = unseen_clips()
+    from monitor.errors import MonitorError
+
+    if args.json is not None and not args.json.parent.is_dir():
+        print(f"--json {args.json}: no folder {args.json.parent}", file=sys.stderr)
+        return 2
+    model = args.models_dir / "events.onnx" if args.models_dir else None
+    try:
+        check_model(model)
+    except MonitorError as err:
+        print(f"model: {err}", file=sys.stderr)
+        return 2
     missing = [p for p in PACKAGES if not _dpkg_files(p)]
-    if not clips or missing:
+    if missing:
         print(f"not installed: {' '.join(missing)} (scripts/unseen-sources.sh installs them)",
               file=sys.stderr)
         return 2
-    model = args.models_dir / "events.onnx" if args.models_dir else None
+    clips = unseen_clips()
     summary = summarise(clips, judge(clips, model_path=model))
     print(table(summary))
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        try:
+            args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        except OSError as err:
+            print(f"--json {args.json}: {err.strerror}", file=sys.stderr)
+            return 2
     return 0
 
 
