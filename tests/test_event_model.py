@@ -37,7 +37,12 @@ from monitor.training.rules import (
     stream_onset_lead_ms,
     tune_class,
 )
-from monitor.training.train import CROSS_FIT_FOLDS, cpu_kind, cross_fit_fold
+from monitor.training.train import (
+    CROSS_FIT_FOLDS,
+    blas_kernels_note,
+    cpu_kind,
+    cross_fit_fold,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -617,3 +622,12 @@ def test_compose_names_the_missing_head_and_card(tmp_path: Path) -> None:
     shutil.copy(MODELS / "yamnet.onnx", tmp_path / "yamnet.onnx")
     with pytest.raises(ModelError, match=r"lacks events.json and event-head.npz.*models/"):
         compose_events_model(tmp_path)
+
+
+def test_training_warns_when_openblas_runs_other_kernels_than_the_shipped_heads() -> None:
+    avx512 = {"avx2", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+    note = blas_kernels_note(avx512, ["Haswell", "SkylakeX"])
+    assert note is not None and "Haswell" in note and "OPENBLAS_CORETYPE=SkylakeX" in note
+    assert blas_kernels_note(avx512, ["SkylakeX", "SKYLAKEX"]) is None
+    assert blas_kernels_note({"avx2"}, ["Haswell"]) is None  # SkylakeX kernels cannot run
+    assert blas_kernels_note(avx512, []) is None

@@ -145,6 +145,38 @@ def cpu_kind(cpuinfo: str | None = None) -> dict[str, Any]:
     return {"cpu": fields["model name"], "flags": [f for f in CPU_FLAGS if f in flags]}
 
 
+SHIPPED_BLAS_KERNELS = "SkylakeX"
+"""OpenBLAS kernels the shipped head was fitted with (`scripts/reproduce-model.sh` names them)."""
+_SKYLAKEX_FLAGS = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
+
+
+def blas_kernels_note(cpu_flags: set[str], kernels: list[str]) -> str | None:
+    """A warning when OpenBLAS runs other kernels (`kernels`: its architecture names, one per
+    loaded library) than the shipped head's on a CPU that could run those (`cpu_flags`): the
+    fit then rounds differently and the head will not be the shipped one bit for bit."""
+    other = sorted({k for k in kernels if k and k.lower() != SHIPPED_BLAS_KERNELS.lower()})
+    if not other or not cpu_flags >= _SKYLAKEX_FLAGS:
+        return None
+    return (f"OpenBLAS runs its {', '.join(other)} kernels on this CPU; the shipped head was "
+            f"fitted with its {SHIPPED_BLAS_KERNELS} kernels, so this head will differ in its "
+            f"last bits: set OPENBLAS_CORETYPE={SHIPPED_BLAS_KERNELS} to reproduce it")
+
+
+def _warn_blas_kernels() -> None:
+    try:
+        from threadpoolctl import threadpool_info
+
+        kernels = [str(i.get("architecture") or "") for i in threadpool_info()
+                   if i.get("internal_api") == "openblas"]
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except (ImportError, OSError):
+        return
+    first = next((line for line in flags.splitlines() if line.startswith("flags")), "")
+    note = blas_kernels_note(set(first.partition(":")[2].split()), kernels)
+    if note:
+        logger.warning("%s", note)
+
+
 def cross_fit_fold(clip: Clip) -> int:
     """Fold (0..CROSS_FIT_FOLDS-1) of a training clip, by recording: SAFE by its own fold (the
     file name's first field), ESC-50 by freesound source id, other clips by file name."""
@@ -190,6 +222,7 @@ def train(data_dir: Path, models_dir: Path, *, seed: int = 0,
           cache_dir: Path | None = None) -> dict[str, Any]:
     """Train the head, write `event-head.npz`, compose `events.onnx`, write `events.json`."""
     t0 = time.perf_counter()
+    _warn_blas_kernels()
     yamnet_path = models_dir / MODEL_FILE
     params = read_card(yamnet_path).frontend
     cache = cache_dir if cache_dir is not None else models_dir.parent / ".cache" / "events"
