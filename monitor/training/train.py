@@ -131,18 +131,24 @@ def cpu_kind(cpuinfo: str | None = None) -> dict[str, Any]:
     from `cpuinfo` (default: Linux /proc/cpuinfo). The same model from the same data is
     expected bit for bit only on the same kind. `cpu` is None where the kind cannot be told
     (no /proc/cpuinfo, no model name or flags, e.g. ARM): no two such machines are one kind."""
+    fields = _first_processor(cpuinfo)
+    if "model name" not in fields or "flags" not in fields:
+        return {"cpu": None, "flags": []}
+    flags = set(fields["flags"].split())
+    return {"cpu": fields["model name"], "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def _first_processor(cpuinfo: str | None = None) -> dict[str, str]:
+    """The first processor's fields of `cpuinfo` (default: Linux /proc/cpuinfo; none if it
+    cannot be read)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
         except OSError:
             cpuinfo = ""
     first = cpuinfo.strip().split("\n\n", 1)[0]
-    fields = {k.strip(): v.strip() for k, v in
-              (line.split(":", 1) for line in first.splitlines() if ":" in line)}
-    if "model name" not in fields or "flags" not in fields:
-        return {"cpu": None, "flags": []}
-    flags = set(fields["flags"].split())
-    return {"cpu": fields["model name"], "flags": [f for f in CPU_FLAGS if f in flags]}
+    return {k.strip(): v.strip() for k, v in
+            (line.split(":", 1) for line in first.splitlines() if ":" in line)}
 
 
 SHIPPED_BLAS_KERNELS = "SkylakeX"
@@ -153,26 +159,23 @@ _SKYLAKEX_FLAGS = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx
 def blas_kernels_note(cpu_flags: set[str], kernels: list[str]) -> str | None:
     """A warning when OpenBLAS runs other kernels (`kernels`: its architecture names, one per
     loaded library) than the shipped head's on a CPU that could run those (`cpu_flags`): the
-    fit then rounds differently and the head will not be the shipped one bit for bit."""
+    fit may round differently, and the head then is not the shipped one bit for bit."""
     other = sorted({k for k in kernels if k and k.lower() != SHIPPED_BLAS_KERNELS.lower()})
     if not other or not cpu_flags >= _SKYLAKEX_FLAGS:
         return None
     return (f"OpenBLAS runs its {', '.join(other)} kernels on this CPU; the shipped head was "
-            f"fitted with its {SHIPPED_BLAS_KERNELS} kernels, so this head will differ in its "
+            f"fitted with its {SHIPPED_BLAS_KERNELS} kernels, so this head may differ in its "
             f"last bits: set OPENBLAS_CORETYPE={SHIPPED_BLAS_KERNELS} to reproduce it")
 
 
 def _warn_blas_kernels() -> None:
     try:
         from threadpoolctl import threadpool_info
-
-        kernels = [str(i.get("architecture") or "") for i in threadpool_info()
-                   if i.get("internal_api") == "openblas"]
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except (ImportError, OSError):
+    except ImportError:
         return
-    first = next((line for line in flags.splitlines() if line.startswith("flags")), "")
-    note = blas_kernels_note(set(first.partition(":")[2].split()), kernels)
+    kernels = [str(i.get("architecture") or "") for i in threadpool_info()
+               if i.get("internal_api") == "openblas"]
+    note = blas_kernels_note(set(_first_processor().get("flags", "").split()), kernels)
     if note:
         logger.warning("%s", note)
 

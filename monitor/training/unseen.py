@@ -206,12 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     except MonitorError as err:
         print(f"model: {err}", file=sys.stderr)
         return 2
-    missing = [p for p in PACKAGES if not _dpkg_files(p)]
+    files = {package: _dpkg_files(package) for package in PACKAGES}
+    missing = [package for package, listed in files.items() if not listed]
     if missing:
         print(f"not installed: {' '.join(missing)} (scripts/unseen-sources.sh installs them)",
               file=sys.stderr)
         return 2
-    clips = unseen_clips()
+    clips = unseen_clips(files.__getitem__)
     summary = summarise(clips, judge(clips, model_path=model))
     print(table(summary))
     if args.json:
